@@ -1,0 +1,1 @@
+"""Reproducible age and gender estimation on IMDB-WIKI."""

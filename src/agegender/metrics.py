@@ -1,0 +1,46 @@
+"""Age and gender figures as the peers report them (DEX expected value, CS@5, bins)."""
+import numpy as np
+
+AGES = np.arange(101)
+
+
+def bin_labels(edges):
+    return [f"{lo}-{hi - 1}" for lo, hi in zip(edges[:-1], edges[1:])] + [f"{edges[-1]}+"]
+
+
+def age_bin(ages, edges):
+    return np.searchsorted(np.asarray(edges), np.asarray(ages), side="right") - 1
+
+
+def bin_probabilities(age_probs, edges):
+    """Sum the 101 age probabilities over each bin."""
+    bins = age_bin(AGES, edges)
+    return np.stack([age_probs[:, bins == b].sum(axis=1) for b in range(len(edges))], axis=1)
+
+
+def age_metrics(age_true, age_probs, edges, cs_years):
+    age_true = np.asarray(age_true)
+    expected = age_probs @ AGES
+    error = np.abs(expected - age_true)
+    true_bin = age_bin(age_true, edges)
+    predicted_bin = bin_probabilities(age_probs, edges).argmax(axis=1)
+    return {
+        "mae": float(error.mean()),
+        f"cs{cs_years}": float((error <= cs_years).mean()),
+        "exact_accuracy": float((age_probs.argmax(axis=1) == age_true).mean()),
+        "bin_accuracy": float((predicted_bin == true_bin).mean()),
+        "bin_within_one": float((np.abs(predicted_bin - true_bin) <= 1).mean()),
+    }
+
+
+def gender_metrics(gender_true, gender_probs, train_male_share):
+    gender_true = np.asarray(gender_true)
+    majority = 1 if train_male_share >= 0.5 else 0
+    return {
+        "accuracy": float((gender_probs.argmax(axis=1) == gender_true).mean()),
+        "majority_baseline": float((gender_true == majority).mean()),
+    }
+
+
+def mean_age_baseline(age_true, train_mean_age):
+    return float(np.abs(np.asarray(age_true) - train_mean_age).mean())

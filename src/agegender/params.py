@@ -1,0 +1,103 @@
+"""Loading and checking params.yaml, so a typo fails before any work instead of mid-run."""
+from pathlib import Path
+
+import yaml
+
+from agegender.errors import PipelineError
+
+DATASETS = ("sample", "wiki_crop", "imdb_crop", "wiki", "imdb")
+BACKBONES = ("vgg16",)
+CROP_METHODS = ("metadata", "mtcnn", "none")
+NUMBER = (int, float)
+
+# Allowed keys and their types; None as a type means "null allowed".
+SCHEMA = {
+    "seed": int,
+    "data": {"dataset": str, "url": str},
+    "model": {"backbone": str, "weights": str},
+    "filter": {
+        "min_face_score": NUMBER, "max_second_face_score": (float, int, type(None)),
+        "min_age": int, "max_age": int, "require_gender": bool, "limit": int,
+    },
+    "crop": {
+        "method": str, "size": int, "margin": NUMBER, "source_margin": NUMBER,
+        "min_source_size": int, "workers": int,
+    },
+    "split": {"train": NUMBER, "val": NUMBER, "test": NUMBER, "age_bin_width": int},
+    "train": {
+        "input_size": int, "trainable_layers": int, "head_units": list, "dropout": NUMBER,
+        "lr": NUMBER, "epochs": int, "batch_size": int,
+        "loss_weights": {"gender": NUMBER, "age": NUMBER},
+        "augment": {"flip": bool, "brightness": NUMBER},
+    },
+    "evaluate": {"batch_size": int, "age_bins": list, "cs_years": int},
+    "mlflow": {"experiment": str},
+}
+
+
+def load_params(path="params.yaml"):
+    """Read and validate the whole file; every stage calls this before doing any work."""
+    path = Path(path)
+    try:
+        params = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: run the stage from the repository root.") from None
+    except yaml.YAMLError as error:
+        raise PipelineError(f"{path} is not valid YAML ({error}); fix the syntax.") from None
+    check_against(SCHEMA, params, path, prefix="")
+    check_values(params, path)
+    return params
+
+
+def check_against(schema, values, path, prefix):
+    if not isinstance(values, dict):
+        raise PipelineError(f"{path}: '{prefix or 'the file'}' must be a mapping of keys.")
+    for key in values:
+        if key not in schema:
+            allowed = ", ".join(sorted(schema))
+            raise PipelineError(
+                f"{path}: unknown key '{prefix}{key}'; allowed here: {allowed}. Fix the spelling or remove it."
+            )
+    for key, expected in schema.items():
+        name = f"{prefix}{key}"
+        if key not in values:
+            raise PipelineError(f"{path}: key '{name}' is missing; add it (see the README for its meaning).")
+        if isinstance(expected, dict):
+            check_against(expected, values[key], path, prefix=f"{name}.")
+        elif isinstance(values[key], bool) and bool not in _as_tuple(expected):
+            raise PipelineError(f"{path}: '{name}' must be {_type_names(expected)}, not a boolean.")
+        elif not isinstance(values[key], expected):
+            raise PipelineError(
+                f"{path}: '{name}' must be {_type_names(expected)}, got {values[key]!r}."
+            )
+
+
+def check_values(params, path):
+    def require(condition, key, message):
+        if not condition:
+            raise PipelineError(f"{path}: '{key}' {message}.")
+
+    require(params["data"]["dataset"] in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}")
+    require(params["model"]["backbone"] in BACKBONES, "model.backbone", f"must be one of {', '.join(BACKBONES)}")
+    require(params["crop"]["method"] in CROP_METHODS, "crop.method", f"must be one of {', '.join(CROP_METHODS)}")
+    require(params["crop"]["margin"] >= 0, "crop.margin", "must be 0 or more")
+    require(params["crop"]["size"] >= 8, "crop.size", "must be at least 8 pixels")
+    require(params["train"]["input_size"] >= 32, "train.input_size", "must be at least 32 pixels (VGG16 pools five times)")
+    fractions = [params["split"][name] for name in ("train", "val", "test")]
+    require(all(f > 0 for f in fractions), "split", "fractions train, val and test must each be above 0")
+    require(abs(sum(fractions) - 1) < 1e-6, "split", f"fractions must sum to 1, they sum to {sum(fractions):g}")
+    require(params["filter"]["min_age"] <= params["filter"]["max_age"], "filter.min_age", "must not exceed filter.max_age")
+    require(params["train"]["epochs"] >= 1, "train.epochs", "must be at least 1")
+    require(params["train"]["batch_size"] >= 1, "train.batch_size", "must be at least 1")
+    require(0 <= params["train"]["dropout"] < 1, "train.dropout", "must be in [0, 1)")
+    require(params["train"]["lr"] > 0, "train.lr", "must be above 0")
+
+
+def _as_tuple(expected):
+    return expected if isinstance(expected, tuple) else (expected,)
+
+
+def _type_names(expected):
+    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
+             list: "a list", type(None): "null"}
+    return " or ".join(dict.fromkeys(names[t] for t in _as_tuple(expected)))

@@ -1,0 +1,91 @@
+"""Stage crop: one square face image per kept record, at crop.size with crop.margin.
+
+Images that are missing, undecodable, too small, or (with mtcnn) hold no face are skipped
+and counted per reason in metrics/crop.json.
+"""
+import os
+from collections import Counter
+from concurrent.futures import ProcessPoolExecutor
+from functools import partial
+from pathlib import Path
+
+import pandas as pd
+
+from agegender.datasets import DATASETS, dataset_dir
+from agegender.errors import PipelineError, exits_cleanly
+from agegender.files import write_csv, write_json
+from agegender.images import ImageSkip, crop_face, face_box_in_crop, grow_box, load_rgb, resize_whole
+from agegender.params import load_params
+from agegender.tracking import stage_run
+
+RAW_DIR = Path("data/raw")
+RECORDS = Path("data/filtered/records.csv")
+OUT_DIR = Path("data/crops")
+METRICS = Path("metrics/crop.json")
+
+
+def face_box(record, image, settings):
+    """The face box in image coordinates, by the method chosen in params."""
+    if settings["method"] == "mtcnn":
+        from agegender.faces import detect_faces
+
+        faces = detect_faces(image)
+        if not faces:
+            raise ImageSkip("no_face", record["full_path"])
+        return faces[0][0]
+    if settings["from_crop_archive"]:
+        return face_box_in_crop(*image.size, settings["source_margin"])
+    return (record["x1"], record["y1"], record["x2"], record["y2"])
+
+
+def crop_record(record, source_dir, out_dir, settings):
+    """Write one face image; return None when written, else the reason it was skipped."""
+    try:
+        image = load_rgb(source_dir / record["full_path"], min_size=settings["min_source_size"])
+        if settings["method"] == "none":
+            face = resize_whole(image, settings["size"])
+        else:
+            face = crop_face(image, grow_box(face_box(record, image, settings), settings["margin"]), settings["size"])
+    except ImageSkip as skip:
+        return skip.reason
+    target = out_dir / record["full_path"]
+    target.parent.mkdir(parents=True, exist_ok=True)
+    face.save(target.with_suffix(".jpg"), format="JPEG", quality=95)
+    return None
+
+
+def crop_all(records, source_dir, out_dir, settings, workers):
+    work = partial(crop_record, source_dir=source_dir, out_dir=out_dir, settings=settings)
+    rows = records.to_dict("records")
+    if workers == 1:
+        return [work(row) for row in rows]
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(work, rows, chunksize=max(1, len(rows) // (workers * 16))))
+
+
+@exits_cleanly
+def main():
+    params = load_params()
+    section = params["crop"]
+    dataset = params["data"]["dataset"]
+    records = pd.read_csv(RECORDS, keep_default_na=False, na_values=[""])
+    settings = {**section, "from_crop_archive": DATASETS[dataset]["folder"].endswith("_crop")}
+    workers = section["workers"] or os.cpu_count()
+    reasons = crop_all(records, dataset_dir(RAW_DIR, dataset), OUT_DIR / "images", settings, workers)
+    written = records[[reason is None for reason in reasons]]
+    skipped = Counter(reason for reason in reasons if reason is not None)
+    if written.empty:
+        raise PipelineError(
+            f"no face image could be written from {len(records)} records of {RECORDS}; skipped: {dict(skipped)}. "
+            f"Check that data/raw holds the images (the archive may hold only the .mat)."
+        )
+    write_csv(OUT_DIR / "index.csv", written.assign(full_path=written["full_path"].map(lambda p: str(Path(p).with_suffix(".jpg")))))
+    metrics = {"input": len(records), "written": len(written), "skipped": dict(sorted(skipped.items()))}
+    write_json(METRICS, metrics)
+    with stage_run("crop", section, params["mlflow"]["experiment"]) as run:
+        run.log_metrics(metrics)
+    print(f"crop: wrote {metrics['written']} of {metrics['input']} faces; skipped {metrics['skipped']}")
+
+
+if __name__ == "__main__":
+    main()
