@@ -1,0 +1,104 @@
+"""Stages download_data and download_weights: bring the pipeline's external inputs in.
+
+    python -m agegender.stages.download data      # -> data/raw/<folder>/, metrics/download.json
+    python -m agegender.stages.download weights   # -> data/weights/
+
+Remote files land first in data/downloads/, a git-ignored cache that DVC never clears (it
+deletes a stage's outputs before each run), so a re-run or an interrupted transfer does not
+fetch again what already arrived, and a file put there by hand is used as is.
+"""
+import os
+import shutil
+import sys
+from pathlib import Path
+from urllib.parse import urlparse
+
+from agegender.datasets import DATASETS, mat_path, weights_source
+from agegender.errors import PipelineError, exits_cleanly
+from agegender.fetch import download, extract, local_path
+from agegender.files import write_json
+from agegender.params import load_params
+from agegender.tracking import stage_run
+
+DOWNLOADS = Path("data/downloads")
+RAW = Path("data/raw")
+WEIGHTS = Path("data/weights")
+METRICS = Path("metrics/download.json")
+
+
+def fetch(source, hint=None):
+    """A local archive is read in place; a remote one is downloaded into the cache."""
+    path = local_path(source["url"])
+    if path is None:
+        name = Path(urlparse(source["url"]).path).name
+        return download(source["url"], DOWNLOADS / name, size=source.get("size"),
+                        md5=source.get("md5"), sha256=source.get("sha256"), hint=hint)
+    if not path.is_file():
+        raise PipelineError(f"Archive {path} not found: check data.url in params.yaml (paths are relative to the repository root).")
+    return path
+
+
+def download_data(params):
+    dataset, url = params["data"]["dataset"], params["data"]["url"]
+    spec = DATASETS[dataset]
+    sources = [{"url": url}] if url else spec["archives"]
+    with stage_run("download_data", {"data": params["data"]}, params["mlflow"]["experiment"]) as run:
+        archives = [fetch(source, hint="or set data.url in params.yaml to a local copy") for source in sources]
+        extract(archives, RAW)
+        expected = mat_path(RAW, dataset)
+        if not expected.is_file():
+            raise PipelineError(
+                f"{', '.join(map(str, archives))} did not contain {spec['folder']}/{spec['mat']} "
+                f"(looked for {expected}): the archive is not the '{dataset}' dataset; check data.dataset and data.url."
+            )
+        metrics = {
+            "dataset": dataset,
+            "archives": len(archives),
+            "bytes": sum(archive.stat().st_size for archive in archives),
+            "files": sum(1 for path in RAW.rglob("*") if path.is_file()),
+        }
+        write_json(METRICS, metrics)
+        run.log_metrics(metrics)
+    return metrics
+
+
+def download_weights(params):
+    backbone, weights = params["model"]["backbone"], params["model"]["weights"]
+    logged = {"model": params["model"], "train.input_size": params["train"]["input_size"]}
+    with stage_run("download_weights", logged, params["mlflow"]["experiment"]):
+        info = {"backbone": backbone, "weights": weights, "file": None, "md5": None}
+        if weights == "imagenet":
+            source = weights_source(backbone, params["train"]["input_size"])
+            cached = download(source["url"], DOWNLOADS / source["file"], md5=source["md5"])
+            WEIGHTS.mkdir(parents=True, exist_ok=True)
+            link_or_copy(cached, WEIGHTS / source["file"])
+            info.update(file=source["file"], md5=source["md5"])
+        elif weights != "none" and not Path(weights).is_file():
+            raise PipelineError(f"model.weights is '{weights}': no such file. Use imagenet, none or the path of a weights file.")
+        write_json(WEIGHTS / "weights.json", info)
+    return info
+
+
+def link_or_copy(source, dest):
+    """A hard link spares a second copy of a file of hundreds of megabytes where the disk allows."""
+    dest.unlink(missing_ok=True)
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+@exits_cleanly
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if argv not in (["data"], ["weights"]):
+        raise PipelineError("usage: python -m agegender.stages.download data|weights")
+    params = load_params()
+    if argv[0] == "data":
+        download_data(params)
+    else:
+        download_weights(params)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,105 @@
+"""Fixtures shared by the tests: a loopback HTTP server, a scratch project, the real data."""
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+import yaml
+
+from agegender import fetch
+from agegender.params import load_params
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb-wiki"
+
+
+@pytest.fixture
+def shared_data():
+    """The project's copy of the real IMDB-WIKI data beside the repository; skip without it."""
+    if not (SHARED_DATA / "wiki.mat").exists():
+        pytest.skip(f"real IMDB-WIKI data not found at {SHARED_DATA}")
+    return SHARED_DATA
+
+
+class FileServer(ThreadingHTTPServer):
+    """Serves `files` by path; `status` forces an error code, `cut_first` truncates the first
+    response for a path after that many bytes, `ranges=False` ignores Range headers."""
+
+    daemon_threads = True
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), Handler)
+        self.files, self.status, self.cut_first, self.requests = {}, {}, {}, []
+        self.ranges = True
+
+    def url(self, path):
+        return f"http://127.0.0.1:{self.server_address[1]}{path}"
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):
+        server, path = self.server, self.path
+        wanted = self.headers.get("Range") if server.ranges else None
+        server.requests.append((path, self.headers.get("Range")))
+        if path in server.status or path not in server.files:
+            self.send_error(server.status.get(path, 404))
+            return
+        body = server.files[path]
+        start = int(wanted.removeprefix("bytes=").rstrip("-")) if wanted else 0
+        if start >= len(body) and wanted:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(206 if wanted else 200)
+        if wanted:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        cut = server.cut_first.pop(path, None)
+        self.wfile.write(body[start:] if cut is None else body[start:start + cut])
+        self.wfile.flush()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server():
+    server = FileServer()
+    thread = threading.Thread(target=server.serve_forever, args=(0.01,), daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tracking_uri(tmp_path_factory):
+    """One MLflow database for all tests: creating its tables takes about a second."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+@pytest.fixture
+def project(tmp_path, monkeypatch, tracking_uri):
+    """A scratch repository root holding a valid params.yaml; returns a function that edits it."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setattr(fetch, "RETRY_DELAY", 0)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+
+    def set_params(**sections):
+        for section, values in sections.items():
+            params[section].update(values)
+        (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+        return load_params()
+
+    return set_params
+
+
