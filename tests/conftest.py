@@ -103,3 +103,17 @@ def project(tmp_path, monkeypatch, tracking_uri):
     return set_params
 
 
+
+
+SAMPLE_ARCHIVE = REPO / "data" / "sample" / "wiki_crop_sample.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def sample_dir(tmp_path_factory):
+    """The bundled real sample, unpacked once: `<dir>/wiki_crop/wiki.mat` and `<dir>/wiki_crop/9x/*.jpg`."""
+    import tarfile
+
+    root = tmp_path_factory.mktemp("sample")
+    with tarfile.open(SAMPLE_ARCHIVE) as tar:
+        tar.extractall(root, filter="data")
+    return root / "wiki_crop"
