@@ -3,13 +3,11 @@
 Runs in a temporary git copy of the repository with a tiny configuration (a few hundred
 faces, 32 px, one epoch) so that it takes a minute or two on two CPU cores.
 """
-import io
 import json
 import os
 import shutil
 import subprocess
 import tarfile
-from pathlib import Path
 
 import pytest
 import yaml

@@ -23,6 +23,8 @@ def load_rgb(path, min_size=1):
             with Image.open(path) as image:
                 image = ImageOps.exif_transpose(image)
                 image.load()
+                if image.mode.startswith("I;16"):  # convert() would clip 16-bit tones, not scale them
+                    image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
                 rgb = image.convert("RGB")
     except FileNotFoundError:
         raise ImageSkip("missing", str(path)) from None

@@ -28,6 +28,8 @@ def read_mat(path):
     if len(structs) != 1 or not isinstance(mat[structs[0]], dict):
         raise PipelineError(f"{path} should hold one struct (wiki or imdb); it holds {structs}.")
     fields = mat[structs[0]]
+    if np.ndim(fields.get("dob")) == 0:  # simplify_cells squeezes a one-record file to scalars
+        fields = {key: [value] for key, value in fields.items()}
     missing = [field for field in REQUIRED_FIELDS if field not in fields]
     if missing:
         raise PipelineError(f"{path} lacks the field(s) {', '.join(missing)} of the IMDB-WIKI format; use the official file.")
@@ -87,15 +89,13 @@ def box_of(location):
 def filter_rules(params):
     """(rule name, predicate that marks the records to drop), applied in this order."""
     max_second = params["max_second_face_score"]
-    rules = [
+    return [
         ("no_face", lambda t: ~(t["face_score"] >= params["min_face_score"])),
         ("second_face", (lambda t: t["second_face_score"].notna()) if max_second is None
          else (lambda t: t["second_face_score"] > max_second)),
+        ("unknown_gender", lambda t: ~t["gender"].isin([0.0, 1.0])),  # gender is a training target
+        ("age_out_of_range", lambda t: ~t["age"].between(params["min_age"], params["max_age"])),
     ]
-    if params["require_gender"]:
-        rules.append(("unknown_gender", lambda t: ~t["gender"].isin([0.0, 1.0])))
-    rules.append(("age_out_of_range", lambda t: ~t["age"].between(params["min_age"], params["max_age"])))
-    return rules
 
 
 def apply_filter(table, params):

@@ -17,7 +17,7 @@ SCHEMA = {
     "model": {"backbone": str, "weights": str},
     "filter": {
         "min_face_score": NUMBER, "max_second_face_score": (float, int, type(None)),
-        "min_age": int, "max_age": int, "require_gender": bool, "limit": int,
+        "min_age": int, "max_age": int, "limit": int,
     },
     "crop": {
         "method": str, "size": int, "margin": NUMBER, "source_margin": NUMBER,
@@ -51,7 +51,7 @@ def load_params(path="params.yaml"):
 
 def check_against(schema, values, path, prefix):
     if not isinstance(values, dict):
-        raise PipelineError(f"{path}: '{prefix or 'the file'}' must be a mapping of keys.")
+        raise PipelineError(f"{path}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys.")
     for key in values:
         if key not in schema:
             allowed = ", ".join(sorted(schema))

@@ -115,29 +115,40 @@ def _find_or_start_parent(mlflow, experiment_id, key, tags):
     return parent.info.run_id
 
 
+def _start_child_run(mlflow, stage, params, experiment):
+    mlflow.set_tracking_uri(tracking_uri())
+    experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
+    tags = {"git.commit": git_commit()}
+    if os.environ.get("DVC_EXP_NAME"):
+        tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
+    parent_id = _find_or_start_parent(mlflow, experiment.experiment_id, pipeline_key(), tags)
+    mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags={**tags, "stage": stage})
+    try:
+        mlflow.log_params(flatten(params))
+    except Exception:
+        mlflow.end_run(status="FAILED")
+        raise
+
+
 @contextlib.contextmanager
 def stage_run(stage, params, experiment="agegender"):
-    """Log `params` (this stage's section) under a child run of the pipeline's parent run."""
-    try:
-        import mlflow
+    """Log `params` (this stage's section) under a child run of the pipeline's parent run.
+    Tracking never costs the user a pipeline run: when MLflow fails, the stage goes on."""
+    import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri())
-        experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
-        tags = {"git.commit": git_commit()}
-        if os.environ.get("DVC_EXP_NAME"):
-            tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-        parent_id = _find_or_start_parent(mlflow, experiment.experiment_id, pipeline_key(), tags)
-        run = mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags={**tags, "stage": stage})
-        mlflow.log_params(flatten(params))
-    except Exception as error:  # tracking must never cost the user a pipeline run
+    try:
+        _start_child_run(mlflow, stage, params, experiment)
+        tracker = StageRun(mlflow)
+    except Exception as error:
         warnings.warn(f"MLflow tracking skipped for stage '{stage}' ({tracking_uri()}): {error}")
-        yield StageRun(None)
+        tracker = StageRun(None)
+    if not tracker.active:
+        yield tracker
         return
     status = "FAILED"
     try:
-        yield StageRun(mlflow)
+        yield tracker
         status = "FINISHED"
     finally:
         with contextlib.suppress(Exception):
             mlflow.end_run(status=status)
-        del run

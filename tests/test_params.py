@@ -1,0 +1,160 @@
+"""agegender.params: params.yaml is checked before any stage does work."""
+import pytest
+import yaml
+from conftest import REPO
+
+from agegender.errors import PipelineError
+from agegender.params import load_params
+
+
+@pytest.fixture
+def write_params(tmp_path):
+    """Write an edited copy of the repository's params.yaml; returns its path."""
+
+    def write(edit):
+        params = yaml.safe_load((REPO / "params.yaml").read_text())
+        edit(params)
+        path = tmp_path / "params.yaml"
+        path.write_text(yaml.safe_dump(params))
+        return path
+
+    return write
+
+
+def test_repository_params_load():
+    params = load_params(REPO / "params.yaml")
+    assert params["seed"] == 42
+    assert params["crop"]["method"] in ("metadata", "mtcnn", "none")
+    assert sum(params["split"][k] for k in ("train", "val", "test")) == pytest.approx(1)
+
+
+def test_missing_file_is_an_error(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_invalid_yaml_is_an_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("train: [1, 2\n")
+    with pytest.raises(PipelineError, match="not valid YAML"):
+        load_params(path)
+
+
+def test_unknown_key_is_named(write_params):
+    path = write_params(lambda p: p["train"].update(lrr=0.1))
+    with pytest.raises(PipelineError, match=r"unknown key 'train\.lrr'"):
+        load_params(path)
+
+
+def test_unknown_top_level_section_is_named(write_params):
+    path = write_params(lambda p: p.update(trian={"lr": 0.1}))
+    with pytest.raises(PipelineError, match="unknown key 'trian'"):
+        load_params(path)
+
+
+def test_missing_key_is_named(write_params):
+    path = write_params(lambda p: p["crop"].pop("margin"))
+    with pytest.raises(PipelineError, match=r"'crop\.margin' is missing"):
+        load_params(path)
+
+
+def test_missing_nested_key_is_named(write_params):
+    path = write_params(lambda p: p["train"]["loss_weights"].pop("age"))
+    with pytest.raises(PipelineError, match=r"'train\.loss_weights\.age' is missing"):
+        load_params(path)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text("")
+    with pytest.raises(PipelineError, match="must be a mapping"):
+        load_params(path)
+
+
+def test_section_not_a_mapping(write_params):
+    path = write_params(lambda p: p.update(split=0.8))
+    with pytest.raises(PipelineError, match="'split' must be a mapping"):
+        load_params(path)
+
+
+def test_string_for_an_integer(write_params):
+    path = write_params(lambda p: p["train"].update(epochs="3"))
+    with pytest.raises(PipelineError, match=r"'train\.epochs' must be an integer"):
+        load_params(path)
+
+
+def test_boolean_for_an_integer(write_params):
+    path = write_params(lambda p: p["crop"].update(size=True))
+    with pytest.raises(PipelineError, match=r"'crop\.size' must be an integer, not a boolean"):
+        load_params(path)
+
+
+def test_boolean_for_a_number(write_params):
+    path = write_params(lambda p: p["train"].update(lr=False))
+    with pytest.raises(PipelineError, match=r"'train\.lr'.*not a boolean"):
+        load_params(path)
+
+
+def test_int_accepted_for_a_number_and_null_for_second_face(write_params):
+    def edit(p):
+        p["train"]["lr"] = 1
+        p["filter"]["max_second_face_score"] = None
+        p["filter"]["min_face_score"] = 2
+
+    params = load_params(write_params(edit))
+    assert params["train"]["lr"] == 1
+    assert params["filter"]["max_second_face_score"] is None
+
+
+def test_float_for_an_integer(write_params):
+    path = write_params(lambda p: p["train"].update(batch_size=32.0))
+    with pytest.raises(PipelineError, match=r"'train\.batch_size' must be an integer"):
+        load_params(path)
+
+
+def test_split_fractions_must_sum_to_one(write_params):
+    path = write_params(lambda p: p["split"].update(train=0.7))
+    with pytest.raises(PipelineError, match=r"sum to 1, they sum to 0\.9"):
+        load_params(path)
+
+
+def test_split_fraction_zero_is_refused(write_params):
+    path = write_params(lambda p: p["split"].update(train=0.9, val=0.0))
+    with pytest.raises(PipelineError, match="each be above 0"):
+        load_params(path)
+
+
+def test_unknown_dataset(write_params):
+    path = write_params(lambda p: p["data"].update(dataset="celeba"))
+    with pytest.raises(PipelineError, match=r"'data\.dataset' must be one of sample, wiki_crop"):
+        load_params(path)
+
+
+def test_unknown_crop_method(write_params):
+    path = write_params(lambda p: p["crop"].update(method="haar"))
+    with pytest.raises(PipelineError, match=r"'crop\.method' must be one of metadata, mtcnn, none"):
+        load_params(path)
+
+
+def test_negative_margin(write_params):
+    path = write_params(lambda p: p["crop"].update(margin=-0.1))
+    with pytest.raises(PipelineError, match=r"'crop\.margin' must be 0 or more"):
+        load_params(path)
+
+
+def test_min_age_above_max_age(write_params):
+    path = write_params(lambda p: p["filter"].update(min_age=50, max_age=10))
+    with pytest.raises(PipelineError, match=r"'filter\.min_age' must not exceed"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("dropout", 1.0, r"'train\.dropout' must be in \[0, 1\)"),
+    ("lr", 0, r"'train\.lr' must be above 0"),
+    ("epochs", 0, r"'train\.epochs' must be at least 1"),
+    ("input_size", 16, r"'train\.input_size' must be at least 32"),
+])
+def test_train_value_ranges(write_params, key, value, message):
+    path = write_params(lambda p: p["train"].update({key: value}))
+    with pytest.raises(PipelineError, match=message):
+        load_params(path)

@@ -1,0 +1,146 @@
+"""agegender.tracking: where the MLflow store is, and one parent run per pipeline execution."""
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from agegender import tracking
+from agegender.tracking import flatten, pipeline_key, repo_root, stage_run, tracking_uri
+
+
+@pytest.fixture
+def no_env(monkeypatch):
+    for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_NAME", "DVC_EXP_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_repo_root_is_cwd_by_default(no_env, tmp_path):
+    no_env.chdir(tmp_path)
+    assert repo_root() == tmp_path.resolve()
+
+
+def test_repo_root_from_dvc_root(no_env, tmp_path):
+    no_env.setenv("DVC_ROOT", str(tmp_path / "repo"))
+    no_env.chdir(tmp_path)
+    assert repo_root() == (tmp_path / "repo").resolve()
+
+
+@pytest.mark.parametrize("inside", [".dvc/tmp/exps/tmpabc", ".dvc/tmp/exps/tmpabc/src/agegender"])
+def test_repo_root_from_a_dvc_temp_experiment(no_env, tmp_path, inside):
+    root = tmp_path / "project"
+    (root / inside).mkdir(parents=True)
+    no_env.chdir(root / inside)
+    assert repo_root() == root.resolve()
+
+
+def test_tracking_uri_default_is_absolute_sqlite_at_the_root(no_env, tmp_path):
+    root = tmp_path / "project"
+    (root / ".dvc/tmp/exps/tmpabc").mkdir(parents=True)
+    no_env.chdir(root / ".dvc/tmp/exps/tmpabc")
+    uri = tracking_uri()
+    assert uri == f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    assert Path(uri.removeprefix("sqlite:///")).is_absolute()
+
+
+def test_tracking_uri_from_environment(no_env):
+    no_env.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert tracking_uri() == "http://127.0.0.1:5000"
+
+
+def test_flatten():
+    assert flatten({"a": 1, "b": {"c": 2, "d": {"e": [1, 2]}}}) == {"a": 1, "b.c": 2, "b.d.e": [1, 2]}
+
+
+def test_pipeline_key_is_the_dvc_ancestor(tmp_path):
+    """Two stages started by one `dvc repro` share the key; a stage run by hand gets its own."""
+    fake_dvc = tmp_path / "bin" / "dvc"
+    fake_dvc.parent.mkdir()
+    stage = f"{sys.executable} -c 'from agegender.tracking import pipeline_key; print(pipeline_key())'"
+    fake_dvc.write_text(f"#!/bin/sh\necho $$\n{stage}\n{stage}\ntrue\n")
+    fake_dvc.chmod(0o755)
+    lines = subprocess.run([str(fake_dvc), "repro"], capture_output=True, text=True, check=True).stdout.split()
+    dvc_pid, first, second = lines
+    assert first == second
+    assert first.startswith(f"{dvc_pid}-")
+    assert pipeline_key() != first
+
+
+@pytest.fixture
+def mlflow_env(no_env, tmp_path, tracking_uri):
+    """The session's MLflow store, a fresh experiment per test."""
+    no_env.chdir(tmp_path)
+    no_env.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    return f"test-{uuid.uuid4().hex[:8]}"
+
+
+def runs_of(experiment):
+    import mlflow
+
+    client = mlflow.tracking.MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    return client.search_runs([found.experiment_id])
+
+
+def test_stages_of_one_execution_hang_under_one_parent(mlflow_env):
+    experiment = mlflow_env
+    with stage_run("filter", {"min_face_score": 1.0, "limit": 0}, experiment) as run:
+        assert run.active
+        run.log_metrics({"kept": 5, "removed": {"no_face": 3}, "ok": True, "note": "text"})
+    with stage_run("crop", {"size": 64, "augment": {"flip": True}}, experiment):
+        pass
+
+    runs = runs_of(experiment)
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 1 and len(children) == 2
+    parent = parents[0]
+    assert parent.data.tags[tracking.PIPELINE_KEY_TAG] == pipeline_key()
+    assert {r.data.tags["mlflow.parentRunId"] for r in children} == {parent.info.run_id}
+
+    by_stage = {r.data.tags["stage"]: r for r in children}
+    assert set(by_stage) == {"filter", "crop"}
+    commit = tracking.git_commit()
+    for run in children:
+        assert run.data.tags["git.commit"] == commit
+        assert run.info.status == "FINISHED"
+    assert by_stage["filter"].data.params == {"min_face_score": "1.0", "limit": "0"}
+    assert by_stage["crop"].data.params == {"size": "64", "augment.flip": "True"}
+    assert by_stage["filter"].data.metrics == {"kept": 5.0, "removed.no_face": 3.0}
+    assert by_stage["filter"].info.run_name == "filter"
+
+
+def test_failed_stage_is_marked_failed(mlflow_env):
+    with pytest.raises(RuntimeError, match="boom"):
+        with stage_run("train", {"lr": 0.001}, mlflow_env):
+            raise RuntimeError("boom")
+    (child,) = [r for r in runs_of(mlflow_env) if "stage" in r.data.tags]
+    assert child.info.status == "FAILED"
+
+
+def test_experiment_name_from_dvc_exp_environment(mlflow_env, monkeypatch):
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", mlflow_env)
+    monkeypatch.setenv("DVC_EXP_NAME", "bushy-lark")
+    with stage_run("split", {"seed": 1}, "ignored-experiment"):
+        pass
+    runs = runs_of(mlflow_env)
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.run_name == "pipeline bushy-lark"
+    assert all(r.data.tags["dvc.exp_name"] == "bushy-lark" for r in runs)
+
+
+def test_unusable_store_warns_and_runs_the_body(no_env, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    no_env.chdir(tmp_path)
+    no_env.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{blocker}/mlflow.db")
+    ran = []
+    with pytest.warns(UserWarning, match="MLflow tracking skipped for stage 'filter'"):
+        with stage_run("filter", {"limit": 0}) as run:
+            ran.append(run.active)
+            run.log_metrics({"kept": 1})           # no-ops, no error
+            run.log_artifact(tmp_path / "a-file")
+    assert ran == [False]
+    assert blocker.read_text() == "not a directory"
