@@ -1,5 +1,8 @@
-"""Fixtures shared by the tests: a loopback HTTP server, a scratch project, the real data."""
+"""Fixtures shared by the tests: a loopback HTTP server, a scratch project, a scratch git copy
+of the repository, the real data."""
 import os
+import shutil
+import subprocess
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -117,3 +120,37 @@ def sample_dir(tmp_path_factory):
     with tarfile.open(SAMPLE_ARCHIVE) as tar:
         tar.extractall(root, filter="data")
     return root / "wiki_crop"
+
+
+def run(args, cwd, env):
+    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
+    return result.stdout + result.stderr
+
+
+def set_params(repo, changes):
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    for section, values in changes.items():
+        params[section].update(values)
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+@pytest.fixture
+def repo(tmp_path):
+    """A fresh git repository holding the project's tracked and new files, as a clone would."""
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
+                            capture_output=True, text=True, check=True).stdout.split()
+    target = tmp_path / "repo"
+    for name in listed:
+        if (REPO / name).is_file():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / name, target / name)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    run(["git", "init", "-q"], target, env)
+    return target, env
+
+
+def commit(repo, env, message):
+    run(["git", "add", "-A"], repo, env)
+    run(["git", "commit", "-qm", message], repo, env)

@@ -14,6 +14,7 @@ from conftest import REPO
 from agegender import datasets
 from agegender.errors import PipelineError
 from agegender.fetch import md5_of
+from agegender.params import BACKBONES
 from agegender.stages.download import download_data, download_weights
 
 
@@ -95,3 +96,55 @@ def test_cli_offline_prints_one_paragraph(project, tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True)
     assert result.returncode == 1
     assert "by hand" in result.stderr and "Traceback" not in result.stderr
+
+
+# Keras' own weights table, per backbone: the module, its base URL, its hash key and file names.
+KERAS_SOURCES = {
+    "vgg16": ("vgg16", None, None),
+    "resnet50": ("resnet", "BASE_WEIGHTS_PATH", "resnet50"),
+    "efficientnetb0": ("efficientnet", "BASE_WEIGHTS_PATH", "b0"),
+    "mobilenetv3small": ("mobilenet_v3", "BASE_WEIGHT_PATH", "small_224_1.0_float"),
+}
+
+
+def keras_weights(backbone):
+    """(top url, top md5), (notop url, notop md5) as the installed Keras' source lists them."""
+    import importlib
+    import inspect
+    import re
+
+    module_name, base_attr, key = KERAS_SOURCES[backbone]
+    module = importlib.import_module(f"keras.src.applications.{module_name}")
+    if backbone == "vgg16":  # VGG16 keeps its hashes inline in the call to get_file
+        hashes = re.findall(r'file_hash="([0-9a-f]{32})"', inspect.getsource(module))
+        return (module.WEIGHTS_PATH, hashes[0]), (module.WEIGHTS_PATH_NO_TOP, hashes[1])
+    base = getattr(module, base_attr)
+    top_md5, notop_md5 = module.WEIGHTS_HASHES[key]
+    names = {
+        "resnet50": (f"{key}_weights_tf_dim_ordering_tf_kernels.h5", f"{key}_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        "efficientnetb0": ("efficientnetb0.h5", "efficientnetb0_notop.h5"),
+        "mobilenetv3small": (f"weights_mobilenet_v3_{key}.h5", f"weights_mobilenet_v3_{key}_no_top_v2.h5"),
+    }[backbone]
+    return (base + names[0], top_md5), (base + names[1], notop_md5)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_weights_match_the_hashes_keras_publishes(backbone):
+    assert backbone in datasets.WEIGHTS, f"no WEIGHTS entry for {backbone}"
+    top, notop = keras_weights(backbone)
+    entry = datasets.WEIGHTS[backbone]
+    assert (entry["top"]["url"], entry["top"]["md5"]) == top
+    assert (entry["notop"]["url"], entry["notop"]["md5"]) == notop
+
+
+def test_every_backbone_of_params_has_a_keras_source():
+    assert set(KERAS_SOURCES) == set(BACKBONES) == set(datasets.WEIGHTS)
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("size", [64, 224])
+def test_only_vgg16_at_224_uses_the_top_file(backbone, size):
+    source = datasets.weights_source(backbone, size)
+    variant = "top" if backbone == "vgg16" and size == 224 else "notop"
+    assert source == {**datasets.WEIGHTS[backbone][variant], "file": source["url"].rsplit("/", 1)[-1]}
+    assert source["file"].endswith(".h5") and "/" not in source["file"]

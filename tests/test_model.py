@@ -1,138 +1,172 @@
-"""agegender.model and agegender.data: the VGG16 transfer model and its input pipeline."""
+"""agegender.model: the backbone cut into a frozen feature extractor and a trainable head."""
+import time
+
 import numpy as np
-import pandas as pd
 import pytest
-from PIL import Image
 
 keras = pytest.importorskip("keras")
 
-from agegender.model import TASKS, build_model, compile_model  # noqa: E402
+from agegender.model import TASKS, build_networks, load_model, set_trainable_tail  # noqa: E402
+from agegender.training import compile_for_training  # noqa: E402
 
 SIZE = 64
+HEAD = (16, 8)
+VGG16_CONVS = [f"block{b}_conv{c}" for b, n in zip(range(1, 6), (2, 2, 3, 3, 3)) for c in range(1, n + 1)]
+SECTION = {"lr_schedule": "constant", "label_smoothing": 0.0, "age_loss": "cross_entropy",
+           "loss_weights": {"gender": 1.0, "age": 1.0}}
+
+
+def images(count, seed=0, size=SIZE):
+    return np.random.default_rng(seed).uniform(0, 255, (count, size, size, 3)).astype("float32")
+
+
+def labels(count, seed=0):
+    rng = np.random.default_rng(seed)
+    return {"gender": keras.utils.to_categorical(rng.integers(0, 2, count), 2).astype("float32"),
+            "age": keras.utils.to_categorical(rng.integers(0, 101, count), 101).astype("float32")}
+
+
+def as_numpy(outputs):
+    return {task: np.asarray(value) for task, value in outputs.items()}
 
 
 @pytest.fixture(scope="module")
-def model():
-    return build_model(SIZE, weights_file=None, trainable_layers=3, head_units=(32, 16), dropout=0.3)
+def networks():
+    """Read-only use: tests that change trainability or weights build their own."""
+    return build_networks(SIZE, trainable_layers=3, head_units=HEAD, seed=1)
 
 
-def conv_layers(model):
-    return [layer for layer in model.get_layer("vgg16").layers if isinstance(layer, keras.layers.Conv2D)]
+def trainable_names(model):
+    return {weight.path.rsplit("/", 1)[0] for weight in model.trainable_weights}
 
 
-def test_outputs(model):
-    shapes = {model.get_layer(task).name: tuple(model.get_layer(task).output.shape) for task in TASKS}
-    assert shapes == {"gender": (None, 2), "age": (None, 101)}
-    assert sorted(tuple(output.shape) for output in model.outputs) == [(None, 2), (None, 101)]
-    images = np.random.default_rng(0).uniform(0, 255, (3, SIZE, SIZE, 3)).astype("float32")
-    predicted = model.predict(images, verbose=0)
-    assert set(predicted) == {"gender", "age"}
+def test_output_shapes(networks):
+    for model in (networks.image_model, networks.head_model):
+        assert {task: tuple(output.shape) for task, output in model.output.items()} \
+            == {"gender": (None, 2), "age": (None, 101)}
+    predicted = as_numpy(networks.image_model.predict(images(3), verbose=0))
     assert predicted["gender"].shape == (3, 2) and predicted["age"].shape == (3, 101)
     for task in TASKS:
-        assert predicted[task].sum(axis=1) == pytest.approx(np.ones(3), abs=1e-5)
-        assert (predicted[task] >= 0).all()
+        np.testing.assert_allclose(predicted[task].sum(axis=1), 1, atol=1e-5)
 
 
-def test_only_the_last_three_conv_layers_train(model):
-    convs = conv_layers(model)
-    assert len(convs) == 13
-    trainable = [layer.name for layer in convs if layer.trainable]
+def test_head_on_features_equals_the_image_model(networks):
+    x = images(4, seed=2)
+    whole = as_numpy(networks.image_model(x, training=False))
+    split = as_numpy(networks.head_model(networks.feature_extractor(x, training=False), training=False))
+    for task in TASKS:
+        np.testing.assert_allclose(split[task], whole[task], rtol=1e-5, atol=1e-6)
+
+
+def test_three_trainable_layers_are_block5(networks):
+    trainable = [layer.name for layer in networks.base.layers if layer.trainable and layer.weights]
     assert trainable == ["block5_conv1", "block5_conv2", "block5_conv3"]
-    base = model.get_layer("vgg16")
-    assert len(base.trainable_weights) == 6               # 3 kernels + 3 biases
-    assert len(base.non_trainable_weights) == 20
+    convs = [layer.name for layer in networks.base.layers if layer.weights]
+    assert convs == VGG16_CONVS
+    assert tuple(networks.feature_extractor.output.shape) == (None, 4, 4, 512)  # block4_pool at 64 px
+    assert tuple(networks.head_model.input.shape) == (None, 4, 4, 512)
+    assert not networks.feature_extractor.trainable_weights
+    head_layers = {layer.name for layer in networks.head_model.layers}
+    assert {"block5_conv1", "block5_conv2", "block5_conv3", "block5_pool", "flatten"} <= head_layers
+    assert "block4_conv3" not in head_layers
 
 
-def test_trainable_layers_zero_freezes_the_whole_base():
-    model = build_model(32, trainable_layers=0, head_units=(8, 8))
-    assert not model.get_layer("vgg16").trainable_weights
-    assert model.trainable_weights  # the head still trains
+def test_zero_trainable_layers_freezes_the_whole_base():
+    nets = build_networks(SIZE, trainable_layers=0, head_units=HEAD)
+    assert tuple(nets.feature_extractor.output.shape) == (None, 2, 2, 512)  # block5_pool: the whole base
+    assert tuple(nets.feature_extractor.output.shape) == tuple(nets.base.output.shape)
+    assert not nets.feature_extractor.trainable_weights
+    assert not [layer for layer in nets.base.layers if layer.trainable and layer.weights]
+    assert not {layer.name for layer in nets.head_model.layers} & set(VGG16_CONVS)
+    assert nets.image_model.trainable_weights  # the heads still train
+    assert trainable_names(nets.image_model) == trainable_names(nets.head_model)
 
 
-def test_head_per_task(model):
-    dense = {layer.name: layer for layer in model.layers if isinstance(layer, keras.layers.Dense)}
-    assert set(dense) == {"gender_dense1", "gender_dense2", "gender", "age_dense1", "age_dense2", "age"}
-    assert all(layer.trainable for layer in dense.values())
-    assert (dense["gender_dense1"].units, dense["gender_dense2"].units, dense["gender"].units) == (32, 16, 2)
-    assert (dense["age_dense1"].units, dense["age_dense2"].units, dense["age"].units) == (32, 16, 101)
-    assert dense["age_dense1"].activation.__name__ == "relu"
-    assert dense["age"].activation.__name__ == "softmax"
-    dropouts = [layer for layer in model.layers if isinstance(layer, keras.layers.Dropout)]
-    assert len(dropouts) == 4 and all(layer.rate == 0.3 for layer in dropouts)
+def test_fine_tuning_unfreezes_the_tail_in_the_image_model():
+    nets = build_networks(SIZE, trainable_layers=3, head_units=HEAD)
+    before = trainable_names(nets.image_model)
+    assert not before & {"block4_conv2", "block4_conv3"}
+    set_trainable_tail(nets.base, 5)
+    after = trainable_names(nets.image_model)
+    assert after - before == {"block4_conv2", "block4_conv3"}
+    assert len(nets.image_model.trainable_weights) == len(nets.head_model.trainable_weights) + 4
+    set_trainable_tail(nets.base, 0)
+    assert not trainable_names(nets.image_model) & set(VGG16_CONVS)
 
 
-def test_augmentation_only_in_training():
-    model = build_model(32, trainable_layers=0, head_units=(8, 8), flip=True, brightness=0.2)
-    names = [layer.name for layer in model.layers]
-    assert "augment_flip" in names and "augment_brightness" in names
-    images = np.random.default_rng(1).uniform(0, 255, (2, 32, 32, 3)).astype("float32")
-    first, second = model(images, training=False), model(images, training=False)
-    np.testing.assert_allclose(np.asarray(first["age"]), np.asarray(second["age"]))
-    assert "augment_flip" not in [layer.name for layer in build_model(32, head_units=(8, 8)).layers]
-
-
-def test_compile_and_one_training_step(model):
-    compile_model(model, lr=1e-3, loss_weights={"gender": 1.0, "age": 0.5})
-    rng = np.random.default_rng(2)
-    images = rng.uniform(0, 255, (4, SIZE, SIZE, 3)).astype("float32")
-    labels = {
-        "gender": keras.utils.to_categorical([0, 1, 1, 0], 2),
-        "age": keras.utils.to_categorical([20, 35, 60, 5], 101),
-    }
-    frozen_before = [w.numpy().copy() for w in model.get_layer("vgg16").get_layer("block1_conv1").weights]
-    trained_before = model.get_layer("vgg16").get_layer("block5_conv3").kernel.numpy().copy()
-    history = model.fit(images, labels, batch_size=4, epochs=1, verbose=0)
+def test_training_the_head_changes_the_image_model_and_it_saves(tmp_path):
+    nets = build_networks(SIZE, trainable_layers=3, head_units=HEAD, seed=3)
+    x = images(8, seed=4)
+    features = np.asarray(nets.feature_extractor.predict(x, verbose=0))
+    before = as_numpy(nets.image_model(x, training=False))
+    frozen_before = nets.base.get_layer("block1_conv1").kernel.numpy().copy()
+    shared_before = nets.base.get_layer("block5_conv3").kernel.numpy().copy()
+    compile_for_training(nets.head_model, {**SECTION, "age_loss": "dldl", "lr_schedule": "cosine"}, 1e-2,
+                         steps_per_epoch=1, epochs=1, jit_compile=False)
+    history = nets.head_model.fit(features, labels(8), batch_size=8, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
-    assert {"gender_accuracy", "age_accuracy"} <= set(history.history)
-    for before, after in zip(frozen_before, model.get_layer("vgg16").get_layer("block1_conv1").weights):
-        np.testing.assert_array_equal(before, after.numpy())
-    assert not np.array_equal(trained_before, model.get_layer("vgg16").get_layer("block5_conv3").kernel.numpy())
+    assert {"gender_accuracy", "age_accuracy", "gender_loss", "age_loss"} <= set(history.history)
+    assert not np.array_equal(shared_before, nets.base.get_layer("block5_conv3").kernel.numpy())
+    np.testing.assert_array_equal(frozen_before, nets.base.get_layer("block1_conv1").kernel.numpy())
+    after = as_numpy(nets.image_model.predict(x, verbose=0))
+    assert not np.allclose(before["age"], after["age"])
+    np.testing.assert_allclose(after["age"], np.asarray(nets.head_model(features, training=False)["age"]),
+                               rtol=1e-5, atol=1e-6)
+
+    nets.image_model.save(tmp_path / "model.keras")
+    loaded = load_model(tmp_path / "model.keras")
+    got = as_numpy(loaded.predict(x, verbose=0))
+    for task in TASKS:
+        np.testing.assert_allclose(got[task], after[task], rtol=1e-5, atol=1e-6)
 
 
-# the input pipeline
-
-@pytest.fixture
-def crops(tmp_path):
-    colours = [(255, 0, 0), (0, 255, 0), (0, 0, 255), (10, 20, 30), (200, 200, 200)]
-    sizes = [(64, 64), (80, 60), (32, 32), (64, 64), (100, 100)]
-    paths = []
-    for index, (colour, size) in enumerate(zip(colours, sizes)):
-        path = f"9{index}/{index}.jpg"
-        (tmp_path / path).parent.mkdir()
-        Image.new("RGB", size, colour).save(tmp_path / path, quality=100)
-        paths.append(path)
-    table = pd.DataFrame({"full_path": paths, "gender": [1, 0, 1, 0, 1], "age": [20, 35, 0, 100, 120]})
-    return tmp_path, table, colours
+def test_average_pooling():
+    nets = build_networks(SIZE, trainable_layers=0, pooling="avg", head_units=HEAD)
+    names = {layer.name for layer in nets.head_model.layers}
+    assert "avg_pool" in names and "flatten" not in names
+    assert tuple(nets.head_model.get_layer("avg_pool").output.shape) == (None, 512)
+    assert as_numpy(nets.image_model.predict(images(2), verbose=0))["age"].shape == (2, 101)
 
 
-def batches(dataset):
-    return [(images.numpy(), {task: labels[task].numpy() for task in labels}) for images, labels in dataset]
+@pytest.mark.parametrize("backbone", ["resnet50", "efficientnetb0", "mobilenetv3small"])
+def test_other_backbones_build_frozen_only(backbone):
+    nets = build_networks(SIZE, backbone=backbone, trainable_layers=0, head_units=HEAD)
+    assert not nets.feature_extractor.trainable_weights
+    assert tuple(nets.feature_extractor.output.shape) == tuple(nets.base.output.shape)
+    x = images(2)
+    whole = as_numpy(nets.image_model(x, training=False))
+    split = as_numpy(nets.head_model(nets.feature_extractor(x, training=False), training=False))
+    assert whole["gender"].shape == (2, 2) and whole["age"].shape == (2, 101)
+    np.testing.assert_allclose(split["age"], whole["age"], rtol=1e-4, atol=1e-6)
+    with pytest.raises(ValueError, match="chain"):
+        build_networks(SIZE, backbone=backbone, trainable_layers=1, head_units=HEAD)
 
 
-def test_image_dataset_batches(crops):
-    from agegender.data import image_dataset
-
-    image_dir, table, colours = crops
-    got = batches(image_dataset(table, image_dir, SIZE, batch_size=2))
-    assert [images.shape for images, _ in got] == [(2, SIZE, SIZE, 3), (2, SIZE, SIZE, 3), (1, SIZE, SIZE, 3)]
-    images = np.concatenate([b[0] for b in got])
-    gender = np.concatenate([b[1]["gender"] for b in got])
-    age = np.concatenate([b[1]["age"] for b in got])
-    assert images.dtype == np.float32
-    assert np.abs(images.mean(axis=(1, 2)) - np.array(colours)).max() < 3  # 0..255, RGB, in table order
-    assert gender.shape == (5, 2) and age.shape == (5, 101)
-    assert gender.argmax(axis=1).tolist() == [1, 0, 1, 0, 1]
-    assert age.argmax(axis=1).tolist() == [20, 35, 0, 100, 100]  # 120 clipped to the last class
-    assert (age.sum(axis=1) == 1).all()
+def test_vgg16_top_at_224_trains_fc1_on_flattened_features():
+    started = time.perf_counter()
+    nets = build_networks(224, use_top=True, trainable_layers=1, head_units=HEAD)
+    if time.perf_counter() - started > 10:
+        pytest.skip("building VGG16 with its 138M-parameter top took over 10 s here")
+    assert tuple(nets.feature_extractor.output.shape) == (None, 25088)
+    head_layers = [layer.name for layer in nets.head_model.layers]
+    assert "fc1" in head_layers and "flatten" not in head_layers
+    assert tuple(nets.head_model.get_layer("fc1").output.shape) == (None, 4096)
+    assert "fc2" not in [layer.name for layer in nets.base.layers]
+    assert [layer.name for layer in nets.base.layers if layer.trainable and layer.weights] == ["fc1"]
 
 
-def test_image_dataset_order(crops):
-    from agegender.data import image_dataset
+def test_weights_file_in_keras_legacy_h5_format_is_loaded(tmp_path):
+    """The download stage fetches Keras' own .h5 files; the backbone must load such a file."""
+    h5py = pytest.importorskip("h5py")
+    from keras.src.legacy.saving import legacy_h5_format
 
-    image_dir, table, _ = crops
-    order = lambda ds: np.concatenate([b[1]["age"].argmax(axis=1) for b in batches(ds)]).tolist()  # noqa: E731
-    plain = image_dataset(table.iloc[:4], image_dir, 32, batch_size=3)
-    assert order(plain) == order(plain) == [20, 35, 0, 100]
-    shuffled = [order(image_dataset(table.iloc[:4], image_dir, 32, batch_size=3, shuffle_seed=5)) for _ in range(2)]
-    assert shuffled[0] == shuffled[1]
-    assert sorted(shuffled[0]) == [0, 20, 35, 100]
+    source = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    rng = np.random.default_rng(7)
+    for weight in source.weights:
+        weight.assign(rng.normal(0, 0.01, weight.shape).astype("float32"))
+    with h5py.File(tmp_path / "notop.h5", "w") as file:
+        legacy_h5_format.save_weights_to_hdf5_group(file, source)
+    nets = build_networks(SIZE, backbone="mobilenetv3small", weights_file=tmp_path / "notop.h5", head_units=HEAD)
+    assert len(nets.base.weights) == len(source.weights)
+    for expected, got in zip(source.weights, nets.base.weights):
+        np.testing.assert_array_equal(got.numpy(), expected.numpy())

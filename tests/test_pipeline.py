@@ -4,14 +4,10 @@ Runs in a temporary git copy of the repository with a tiny configuration (a few 
 faces, 32 px, one epoch) so that it takes a minute or two on two CPU cores.
 """
 import json
-import os
-import shutil
-import subprocess
 import tarfile
 
 import pytest
-import yaml
-from conftest import REPO
+from conftest import commit, run, set_params
 
 pytestmark = pytest.mark.slow
 
@@ -20,41 +16,7 @@ TINY = {
     "crop": {"size": 32},
     "train": {"input_size": 32, "epochs": 1, "trainable_layers": 0, "head_units": [16, 16], "batch_size": 32},
 }
-STAGES = ("download_data", "download_weights", "filter", "crop", "split", "train", "evaluate")
-
-
-def run(args, cwd, env):
-    result = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True)
-    assert result.returncode == 0, f"{' '.join(args)} failed:\n{result.stdout}\n{result.stderr}"
-    return result.stdout + result.stderr
-
-
-def set_params(repo, changes):
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    for section, values in changes.items():
-        params[section].update(values)
-    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-
-
-@pytest.fixture
-def repo(tmp_path):
-    """A fresh git repository holding the project's tracked and new files, as a clone would."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split()
-    target = tmp_path / "repo"
-    for name in listed:
-        if (REPO / name).is_file():
-            (target / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, target / name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
-    run(["git", "init", "-q"], target, env)
-    return target, env
-
-
-def commit(repo, env, message):
-    run(["git", "add", "-A"], repo, env)
-    run(["git", "commit", "-qm", message], repo, env)
+STAGES = ("download_data", "download_weights", "filter", "crop", "split", "features", "train", "evaluate")
 
 
 def mlflow_runs(repo):
@@ -65,11 +27,11 @@ def mlflow_runs(repo):
 
 
 def children_by_parent(runs):
-    parents = {run.info.run_id: run for run in runs if "mlflow.parentRunId" not in run.data.tags}
+    parents = {entry.info.run_id: entry for entry in runs if "mlflow.parentRunId" not in entry.data.tags}
     children = {parent: [] for parent in parents}
-    for run in runs:
-        if "mlflow.parentRunId" in run.data.tags:
-            children[run.data.tags["mlflow.parentRunId"]].append(run.data.tags["stage"])
+    for entry in runs:
+        if "mlflow.parentRunId" in entry.data.tags:
+            children[entry.data.tags["mlflow.parentRunId"]].append(entry.data.tags["stage"])
     return parents, children
 
 

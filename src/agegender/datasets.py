@@ -37,7 +37,9 @@ DATASETS = {
     },
 }
 
-# Keras' own published md5 hashes for its VGG16 ImageNet weights.
+# Keras' own published URLs and md5 hashes for its ImageNet weights (keras/src/applications/
+# vgg16.py, resnet.py, efficientnet.py, mobilenet_v3.py); tests/test_download.py checks them
+# against the installed Keras. `top` holds the classifier too, `notop` the convolutional part.
 WEIGHTS = {
     "vgg16": {
         "top": {
@@ -49,15 +51,49 @@ WEIGHTS = {
             "md5": "6d6bbae143d832006294945121d1f1fc",
         },
     },
+    "resnet50": {
+        "top": {
+            "url": KERAS_APPS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels.h5",
+            "md5": "2cb95161c43110f7111970584f804107",
+        },
+        "notop": {
+            "url": KERAS_APPS + "resnet/resnet50_weights_tf_dim_ordering_tf_kernels_notop.h5",
+            "md5": "4d473c1dd8becc155b73f8504c6f6626",
+        },
+    },
+    "efficientnetb0": {  # Keras keeps these under keras-applications/, not tensorflow/keras-applications/
+        "top": {
+            "url": "https://storage.googleapis.com/keras-applications/efficientnetb0.h5",
+            "md5": "902e53a9f72be733fc0bcb005b3ebbac",
+        },
+        "notop": {
+            "url": "https://storage.googleapis.com/keras-applications/efficientnetb0_notop.h5",
+            "md5": "50bc09e76180e00e4465e1a485ddc09d",
+        },
+    },
+    "mobilenetv3small": {  # Keras' model name "small_224_1.0_float"
+        "top": {
+            "url": KERAS_APPS + "mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float.h5",
+            "md5": "8768d4c2e7dee89b9d02b2d03d65d862",
+        },
+        "notop": {
+            "url": KERAS_APPS + "mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+            "md5": "d3e8ec802a04aa4fc771ee12a9a9b836",
+        },
+    },
 }
+
+# Only VGG16 keeps a pretrained dense layer (fc1) in the network, and only at 224 px input,
+# the size its top was trained for; every other backbone is cut at its last conv block.
+USES_TOP = {"vgg16"}
 
 
 def weights_source(backbone, input_size):
-    """The file with the pretrained first dense layer fits only 224 px input; else conv layers only.
+    """The file with the pretrained first dense layer (VGG16 at 224 px); else conv layers only.
 
     Returns {"url", "md5", "file"}.
     """
-    variant = WEIGHTS[backbone]["top" if input_size == 224 else "notop"]
+    variant = WEIGHTS[backbone]["top" if backbone in USES_TOP and input_size == 224 else "notop"]
     return {**variant, "file": variant["url"].rsplit("/", 1)[-1]}
 
 

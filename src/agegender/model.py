@@ -1,49 +1,74 @@
-"""The reference design in Keras: a VGG16 base, then per task three new dense layers.
+"""The reference design in Keras: a pretrained backbone, then per task three new dense layers.
 
-Written with `keras.*` only, so the same model builds under the JAX backend on a GPU machine
-that has no TensorFlow.
+The frozen part of the backbone is its own model (`feature_extractor`), so its outputs can be
+computed once and cached; `head_model` trains on those cached features and shares every
+trainable layer with `image_model`, the complete network that is saved and evaluated.
+Written with `keras.*` only, so it also builds under the JAX backend.
 """
+from dataclasses import dataclass
+
 import keras
 from keras import layers
+
+from agegender.losses import HeadLoss
 
 TASKS = {"gender": 2, "age": 101}
 
 
-def feature_extractor(input_size, weights_file, use_top):
-    """VGG16 up to its first dense layer (`fc1`, needs 224 px) or its last conv block."""
-    base = keras.applications.VGG16(
+@dataclass(frozen=True)
+class Backbone:
+    constructor: object
+    preprocess: object
+    chain: bool  # one layer after another, so it can be cut at any layer
+
+
+BACKBONES = {
+    "vgg16": Backbone(keras.applications.VGG16, keras.applications.vgg16.preprocess_input, chain=True),
+    "resnet50": Backbone(keras.applications.ResNet50, keras.applications.resnet50.preprocess_input, chain=False),
+    "efficientnetb0": Backbone(keras.applications.EfficientNetB0, keras.applications.efficientnet.preprocess_input, chain=False),
+    "mobilenetv3small": Backbone(keras.applications.MobileNetV3Small, keras.applications.mobilenet_v3.preprocess_input, chain=False),
+}
+
+
+@dataclass
+class Networks:
+    image_model: keras.Model        # images in [0, 255] RGB -> {"gender", "age"}
+    head_model: keras.Model         # cached features -> {"gender", "age"}
+    feature_extractor: keras.Model  # images -> the output of the frozen part of the backbone
+    base: keras.Model               # the backbone, for fine-tuning
+
+
+def backbone_model(name, input_size, weights_file, use_top):
+    """The backbone up to its first dense layer (`fc1` of VGG16, needs 224 px) or its last conv block."""
+    base = BACKBONES[name].constructor(
         include_top=use_top,
         weights=str(weights_file) if weights_file else None,
         input_shape=(input_size, input_size, 3),
     )
     if use_top:
-        return keras.Model(base.input, base.get_layer("fc1").output, name="vgg16_fc1")
+        return keras.Model(base.input, base.get_layer("fc1").output, name=f"{name}_fc1")
     return base
 
 
-def freeze_all_but_last(model, trainable_layers):
-    weighted = [layer for layer in model.layers if layer.weights]
-    trainable = set(id(layer) for layer in weighted[len(weighted) - trainable_layers:]) if trainable_layers else set()
-    for layer in model.layers:
-        layer.trainable = id(layer) in trainable
+def cut_index(base, trainable_layers, chain):
+    """Index of the first backbone layer that trains: the last `trainable_layers` weighted ones."""
+    if trainable_layers == 0:
+        return len(base.layers)
+    if not chain:
+        raise ValueError("only a chain backbone (vgg16) can train some of its layers on cached features")
+    weighted = [index for index, layer in enumerate(base.layers) if layer.weights]
+    return weighted[-min(trainable_layers, len(weighted))]
 
 
-def build_model(input_size, weights_file=None, use_top=False, trainable_layers=0, head_units=(256, 128),
-                dropout=0.3, flip=False, brightness=0.0, seed=0):
-    """Images in [0, 255] RGB go in; two softmax outputs, `gender` and `age`, come out.
-    `trainable_layers` counts the trailing weighted layers of the base that keep training."""
-    images = keras.Input((input_size, input_size, 3), name="image")
-    x = images
-    if flip:
-        x = layers.RandomFlip("horizontal", seed=seed, name="augment_flip")(x)
-    if brightness:
-        x = layers.RandomBrightness(brightness, value_range=(0, 255), seed=seed, name="augment_brightness")(x)
-    x = keras.applications.vgg16.preprocess_input(x)
-    base = feature_extractor(input_size, weights_file, use_top)
-    freeze_all_but_last(base, trainable_layers)
-    features = base(x)
-    if not use_top:
-        features = layers.Flatten(name="flatten")(features)
+def set_trainable_tail(base, trainable_layers):
+    """Freeze the backbone except its last `trainable_layers` weighted layers."""
+    weighted = [layer for layer in base.layers if layer.weights]
+    training = {id(layer) for layer in weighted[len(weighted) - trainable_layers:]} if trainable_layers else set()
+    for layer in base.layers:
+        layer.trainable = id(layer) in training
+
+
+def heads(features, head_units, dropout, seed):
     outputs = {}
     for task, classes in TASKS.items():
         y = features
@@ -51,14 +76,38 @@ def build_model(input_size, weights_file=None, use_top=False, trainable_layers=0
             y = layers.Dense(units, activation="relu", name=f"{task}_dense{index + 1}")(y)
             y = layers.Dropout(dropout, seed=seed, name=f"{task}_dropout{index + 1}")(y)
         outputs[task] = layers.Dense(classes, activation="softmax", name=task, dtype="float32")(y)
-    return keras.Model(images, outputs, name="agegender_vgg16")
+    return outputs
 
 
-def compile_model(model, lr, loss_weights):
-    model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=lr),
-        loss={task: "categorical_crossentropy" for task in TASKS},
-        loss_weights=dict(loss_weights),
-        metrics={task: ["accuracy"] for task in TASKS},
-    )
-    return model
+def build_networks(input_size, backbone="vgg16", weights_file=None, use_top=False, trainable_layers=0,
+                   pooling="flatten", head_units=(256, 128), dropout=0.3, flip=False, brightness=0.0, seed=0):
+    spec = BACKBONES[backbone]
+    base = backbone_model(backbone, input_size, weights_file, use_top)
+    set_trainable_tail(base, trainable_layers)
+    cut = cut_index(base, trainable_layers, spec.chain)
+    frozen = keras.Model(base.input, base.layers[cut - 1].output, name=f"{base.name}_frozen")
+
+    tail = list(base.layers[cut:])
+    pool = None if use_top else (layers.Flatten(name="flatten") if pooling == "flatten"
+                                 else layers.GlobalAveragePooling2D(name="avg_pool"))
+    features = keras.Input(frozen.output.shape[1:], name="features")
+    x = features
+    for layer in tail:
+        x = layer(x)
+    head_model = keras.Model(features, heads(pool(x) if pool else x, head_units, dropout, seed), name="head")
+
+    images = keras.Input((input_size, input_size, 3), name="image")
+    feature_extractor = keras.Model(images, frozen(spec.preprocess(images)), name="feature_extractor")
+    x = images
+    if flip:
+        x = layers.RandomFlip("horizontal", seed=seed, name="augment_flip")(x)
+    if brightness:
+        x = layers.RandomBrightness(brightness, value_range=(0, 255), seed=seed, name="augment_brightness")(x)
+    image_model = keras.Model(images, head_model(frozen(spec.preprocess(x))), name=f"agegender_{backbone}")
+    return Networks(image_model, head_model, feature_extractor, base)
+
+
+def load_model(path):
+    """The saved image model, for inference (the losses are registered by the import above)."""
+    assert HeadLoss
+    return keras.models.load_model(path, compile=False)

@@ -6,7 +6,9 @@ import yaml
 from agegender.errors import PipelineError
 
 DATASETS = ("sample", "wiki_crop", "imdb_crop", "wiki", "imdb")
-BACKBONES = ("vgg16",)
+BACKBONES = ("vgg16", "resnet50", "efficientnetb0", "mobilenetv3small")
+AGE_LOSSES = ("cross_entropy", "mean_variance", "dldl")
+AUTO_BOOL = (bool, str)  # true, false or "auto"
 CROP_METHODS = ("metadata", "mtcnn", "none")
 NUMBER = (int, float)
 
@@ -25,10 +27,13 @@ SCHEMA = {
     },
     "split": {"train": NUMBER, "val": NUMBER, "test": NUMBER, "age_bin_width": int},
     "train": {
-        "input_size": int, "trainable_layers": int, "head_units": list, "dropout": NUMBER,
-        "lr": NUMBER, "epochs": int, "batch_size": int,
+        "input_size": int, "trainable_layers": int, "pooling": str, "head_units": list, "dropout": NUMBER,
+        "lr": NUMBER, "lr_schedule": str, "epochs": int, "early_stopping": int, "batch_size": int,
+        "label_smoothing": NUMBER, "gender_weighting": str, "age_loss": str,
         "loss_weights": {"gender": NUMBER, "age": NUMBER},
         "augment": {"flip": bool, "brightness": NUMBER},
+        "finetune_layers": int, "finetune_lr": NUMBER, "finetune_epochs": int,
+        "mixed_precision": AUTO_BOOL, "jit_compile": AUTO_BOOL, "cache_images": bool,
     },
     "evaluate": {"batch_size": int, "age_bins": list, "cs_years": int},
     "mlflow": {"experiment": str},
@@ -90,7 +95,23 @@ def check_values(params, path):
     require(params["train"]["epochs"] >= 1, "train.epochs", "must be at least 1")
     require(params["train"]["batch_size"] >= 1, "train.batch_size", "must be at least 1")
     require(0 <= params["train"]["dropout"] < 1, "train.dropout", "must be in [0, 1)")
-    require(params["train"]["lr"] > 0, "train.lr", "must be above 0")
+    train = params["train"]
+    require(train["lr"] > 0, "train.lr", "must be above 0")
+    require(train["finetune_lr"] > 0, "train.finetune_lr", "must be above 0")
+    require(train["trainable_layers"] >= 0, "train.trainable_layers", "must be 0 or more")
+    require(train["trainable_layers"] == 0 or params["model"]["backbone"] == "vgg16", "train.trainable_layers",
+            "must be 0 for backbones other than vgg16 (only a chain of layers can be cut for the feature cache); "
+            "use train.finetune_layers to train the end of the backbone on images")
+    require(train["finetune_layers"] >= 0 and train["finetune_epochs"] >= 0, "train.finetune_layers",
+            "and train.finetune_epochs must be 0 or more")
+    require(train["pooling"] in ("flatten", "avg"), "train.pooling", "must be flatten or avg")
+    require(train["lr_schedule"] in ("constant", "cosine", "plateau"), "train.lr_schedule", "must be constant, cosine or plateau")
+    require(train["gender_weighting"] in ("none", "balanced"), "train.gender_weighting", "must be none or balanced")
+    require(train["age_loss"] in AGE_LOSSES, "train.age_loss", f"must be one of {', '.join(AGE_LOSSES)}")
+    require(0 <= train["label_smoothing"] < 1, "train.label_smoothing", "must be in [0, 1)")
+    require(train["early_stopping"] >= 0, "train.early_stopping", "must be 0 (off) or a patience in epochs")
+    for key in ("mixed_precision", "jit_compile"):
+        require(train[key] in (True, False, "auto"), f"train.{key}", "must be true, false or auto")
 
 
 def _as_tuple(expected):
@@ -98,6 +119,8 @@ def _as_tuple(expected):
 
 
 def _type_names(expected):
+    if expected == AUTO_BOOL:
+        return "true, false or auto"
     names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
              list: "a list", type(None): "null"}
     return " or ".join(dict.fromkeys(names[t] for t in _as_tuple(expected)))

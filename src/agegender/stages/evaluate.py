@@ -4,7 +4,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import keras
 import numpy as np
 import pandas as pd
 
@@ -12,6 +11,7 @@ from agegender.data import image_dataset
 from agegender.errors import exits_cleanly
 from agegender.files import write_csv, write_json
 from agegender.metrics import age_bin, age_metrics, bin_labels, bin_probabilities, gender_metrics, mean_age_baseline
+from agegender.model import load_model
 from agegender.params import load_params
 from agegender.tracking import stage_run
 
@@ -45,7 +45,7 @@ def main():
     edges = section["age_bins"]
     train = pd.read_csv(SPLIT_DIR / "train.csv", keep_default_na=False, na_values=[""])
     test = pd.read_csv(SPLIT_DIR / "test.csv", keep_default_na=False, na_values=[""])
-    model = keras.models.load_model(MODEL)
+    model = load_model(MODEL)
     outputs = model.predict(image_dataset(test, IMAGE_DIR, model.input_shape[1], section["batch_size"]), verbose=0)
     outputs = {task: np.asarray(values, dtype=np.float64) for task, values in outputs.items()}
     age = age_metrics(test["age"], outputs["age"], edges, section["cs_years"])

@@ -1,93 +1,108 @@
-"""Stage train: transfer learning from VGG16 with a gender head and a 101-way age head."""
-import json
+"""Stage train: the heads (and the backbone's trainable tail) on cached features, then an
+optional fine-tuning phase on augmented images with more of the backbone unfrozen."""
 import os
+import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
+import numpy as np
 import pandas as pd
-import tensorflow as tf
 
-from agegender.data import image_dataset
-from agegender.errors import PipelineError, exits_cleanly
+from agegender import devices
+from agegender.data import image_dataset, labels_of
+from agegender.errors import exits_cleanly
+from agegender.features import FeatureBatches, gender_class_weights, gender_sample_weights, load_features, read_manifest
 from agegender.files import write_json
-from agegender.model import build_model, compile_model
+from agegender.model import TASKS, build_networks, set_trainable_tail
 from agegender.params import load_params
-from agegender.tracking import stage_run
+from agegender.tracking import StageRun, stage_run
+from agegender.training import compile_for_training, network_settings, training_callbacks
 
 SPLIT_DIR = Path("data/split")
 IMAGE_DIR = Path("data/crops/images")
-WEIGHTS_DIR = Path("data/weights")
+FEATURES = Path("data/features")
 MODEL = Path("models/model.keras")
 HISTORY = Path("metrics/train_history.csv")
 METRICS = Path("metrics/train.json")
 
 
-def base_weights(weights):
-    """The pretrained file: from the download stage for `imagenet`, else the path given."""
-    if weights == "none":
-        return None
-    if weights == "imagenet":
-        manifest = json.loads((WEIGHTS_DIR / "weights.json").read_text())
-        path = WEIGHTS_DIR / manifest["file"]
-    else:
-        path = Path(weights)
-    if not path.exists():
-        raise PipelineError(f"model.weights: file {path} not found; run `dvc repro download_weights` or fix the path.")
-    return path
+def one_hot(table):
+    return {task: keras.utils.to_categorical(values, TASKS[task]).astype(np.float32) for task, values in labels_of(table).items()}
 
 
-def use_gpu_if_present():
-    gpus = tf.config.list_physical_devices("GPU")
-    for gpu in gpus:
-        tf.config.experimental.set_memory_growth(gpu, True)
-    return len(gpus)
+def train_head(networks, section, seed, train, val, setup, callbacks):
+    """Phase 1: every epoch reads the cached features, never an image."""
+    manifest = read_manifest(FEATURES)
+    flipped = load_features(FEATURES, "train_flipped") if "train_flipped" in manifest["versions"] else None
+    weights = {"gender": gender_sample_weights(train["gender"], section["gender_weighting"]),
+               "age": np.ones(len(train), dtype=np.float32)}
+    batch = section["batch_size"] * setup["replicas"]
+    batches = FeatureBatches(load_features(FEATURES, "train"), one_hot(train), weights, batch, seed, flipped)
+    lr = section["lr"] * setup["replicas"]
+    with setup["strategy"].scope():
+        compile_for_training(networks.head_model, section, lr, len(batches), section["epochs"], setup["jit_compile"])
+    history = networks.head_model.fit(batches, validation_data=(load_features(FEATURES, "val"), one_hot(val)),
+                                      epochs=section["epochs"], callbacks=callbacks, verbose=2)
+    return history.history
+
+
+def finetune(networks, section, seed, train, val, setup, callbacks, first_epoch):
+    """Phase 2: the last `finetune_layers` of the backbone learn too, on augmented images."""
+    set_trainable_tail(networks.base, max(section["finetune_layers"], section["trainable_layers"]))
+    size, batch = section["input_size"], section["batch_size"] * setup["replicas"]
+    class_weights = gender_class_weights(train["gender"], section["gender_weighting"])
+    images = image_dataset(train, IMAGE_DIR, size, batch, shuffle_seed=seed, cache=section["cache_images"],
+                           gender_weights=class_weights)
+    with setup["strategy"].scope():
+        compile_for_training(networks.image_model, section, section["finetune_lr"] * setup["replicas"],
+                             len(images), section["finetune_epochs"], setup["jit_compile"])
+    history = networks.image_model.fit(images, validation_data=image_dataset(val, IMAGE_DIR, size, batch),
+                                       initial_epoch=first_epoch, epochs=first_epoch + section["finetune_epochs"],
+                                       callbacks=callbacks, verbose=2)
+    return history.history
 
 
 @exits_cleanly
 def main():
     params = load_params()
     section, seed = params["train"], params["seed"]
+    setup = devices.configure(section["mixed_precision"], section["jit_compile"], deterministic=True)
     keras.utils.set_random_seed(seed)
-    gpus = use_gpu_if_present()
-    if not gpus:
-        tf.config.experimental.enable_op_determinism()
-    train = pd.read_csv(SPLIT_DIR / "train.csv", keep_default_na=False, na_values=[""])
-    val = pd.read_csv(SPLIT_DIR / "val.csv", keep_default_na=False, na_values=[""])
-    size, batch = section["input_size"], section["batch_size"]
-    model = build_model(
-        size,
-        weights_file=base_weights(params["model"]["weights"]),
-        use_top=size == 224 and params["model"]["weights"] != "none",
-        trainable_layers=section["trainable_layers"],
-        head_units=section["head_units"],
-        dropout=section["dropout"],
-        flip=section["augment"]["flip"],
-        brightness=section["augment"]["brightness"],
-        seed=seed,
-    )
-    compile_model(model, section["lr"], section["loss_weights"])
-    HISTORY.parent.mkdir(parents=True, exist_ok=True)
-    with stage_run("train", {**section, **params["model"], "seed": seed, "gpus": gpus}, params["mlflow"]["experiment"]) as run:
+    train, val = (pd.read_csv(SPLIT_DIR / f"{name}.csv", keep_default_na=False, na_values=[""]) for name in ("train", "val"))
+    with setup["strategy"].scope():
+        networks = build_networks(**network_settings(params))
+        networks.base.load_weights(FEATURES / "base.weights.h5")
+    root = Path(".") if setup["chief"] else Path(tempfile.mkdtemp(prefix="agegender-worker-"))
+    (root / HISTORY).unlink(missing_ok=True)
+    (root / HISTORY).parent.mkdir(parents=True, exist_ok=True)
+    logged = {**section, **params["model"], "seed": seed, **{k: v for k, v in setup.items() if k != "strategy"}}
+    tracking = stage_run("train", logged, params["mlflow"]["experiment"]) if setup["chief"] else nullcontext(StageRun(None))
+    with tracking as run:
+        callbacks = training_callbacks(section, root / HISTORY, [run.keras_callback()])
         started = time.perf_counter()
-        history = model.fit(
-            image_dataset(train, IMAGE_DIR, size, batch, shuffle_seed=seed),
-            validation_data=image_dataset(val, IMAGE_DIR, size, batch),
-            epochs=section["epochs"],
-            callbacks=[keras.callbacks.CSVLogger(str(HISTORY)), run.keras_callback()],
-            verbose=2,
-        )
-        seconds = time.perf_counter() - started
-        MODEL.parent.mkdir(parents=True, exist_ok=True)
-        model.save(MODEL)
-        final = {name: round(float(values[-1]), 6) for name, values in history.history.items()}
-        metrics = {**final, "train_images": len(train), "images_per_second": round(len(train) * section["epochs"] / seconds, 2)}
-        write_json(METRICS, metrics)
+        history = train_head(networks, section, seed, train, val, setup, callbacks)
+        head_seconds = time.perf_counter() - started
+        epochs_run = last_phase = len(history["loss"])
+        if section["finetune_epochs"]:
+            for name, values in finetune(networks, section, seed, train, val, setup, callbacks, epochs_run).items():
+                history[name] = history.get(name, []) + values
+        (root / MODEL).parent.mkdir(parents=True, exist_ok=True)
+        networks.image_model.save(root / MODEL)
+        best = last_phase + int(np.argmin(history["val_loss"][last_phase:])) if section["finetune_epochs"] else int(np.argmin(history["val_loss"]))
+        metrics = {
+            **{name: round(float(values[best]), 6) for name, values in history.items() if name != "learning_rate"},
+            "best_epoch": best + 1, "epochs_run": len(history["loss"]), "train_images": len(train),
+            "head_epoch_seconds": round(head_seconds / epochs_run, 3),
+        }
+        write_json(root / METRICS, metrics)
         run.log_metrics(metrics)
-        run.log_keras_model(model)
-    print(f"train: {section['epochs']} epochs on {len(train)} images, val gender accuracy {final.get('val_gender_accuracy')}")
+        run.log_keras_model(networks.image_model)
+    print(f"train: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, val gender accuracy "
+          f"{metrics['val_gender_accuracy']:.4f}, val age accuracy {metrics['val_age_accuracy']:.4f}")
 
 
 if __name__ == "__main__":
