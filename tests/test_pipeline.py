@@ -5,6 +5,7 @@ faces, 32 px, one epoch) so that it takes a minute or two on two CPU cores.
 """
 import json
 import tarfile
+import time
 
 import pytest
 from conftest import commit, run, set_params
@@ -14,7 +15,8 @@ pytestmark = pytest.mark.slow
 TINY = {
     "filter": {"limit": 300},
     "crop": {"size": 32},
-    "train": {"input_size": 32, "epochs": 1, "trainable_layers": 0, "head_units": [16, 16], "batch_size": 32},
+    "train": {"input_size": 32, "epochs": 1, "trainable_layers": 0, "head_units": [16, 16], "batch_size": 32,
+              "finetune_epochs": 1, "finetune_layers": 2},
 }
 STAGES = ("download_data", "download_weights", "filter", "crop", "split", "features", "train", "evaluate")
 
@@ -47,6 +49,9 @@ def test_repro_rerun_experiment_and_mlflow(repo):
     files = next(iter(shown.values()))["data"]
     for name in ("filter", "crop", "split", "evaluate"):
         assert f"metrics/{name}.json" in files
+    training = json.loads((repo / "metrics/train.json").read_text())
+    assert training["epochs_run"] == 2  # one epoch on cached features, one fine-tuning epoch on images
+    assert len((repo / "metrics/train_history.csv").read_text().splitlines()) == 3
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert 0.0 <= evaluation["gender"]["accuracy"] <= 1.0
     assert evaluation["age"]["mae"] > 0
@@ -80,3 +85,28 @@ def test_archive_holding_only_the_real_mat_filters_to_38138(repo, shared_data):
     run(["dvc", "repro", "filter"], repo, env)
     metrics = json.loads((repo / "metrics/filter.json").read_text())
     assert (metrics["total"], metrics["kept"], metrics["male"], metrics["female"]) == (62328, 38138, 28601, 9537)
+
+
+def test_queued_experiments_each_get_a_parent_run(repo):
+    repo, env = repo
+    set_params(repo, {**TINY, "train": {**TINY["train"], "finetune_epochs": 0}})
+    commit(repo, env, "tiny configuration")
+    run(["dvc", "repro"], repo, env)
+    commit(repo, env, "baseline run")
+    names = ["lr-a", "lr-b", "lr-c"]
+    for name, lr in zip(names, ("0.01", "0.003", "0.0003")):
+        run(["dvc", "exp", "run", "--queue", "-n", name, "-S", f"train.lr={lr}"], repo, env)
+    run(["dvc", "queue", "start", "-j", "2"], repo, env)
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        status = run(["dvc", "queue", "status"], repo, env)
+        if not any(word in status for word in ("Queued", "Running")):
+            break
+        time.sleep(5)
+    assert status.count("Success") == 3, status
+    shown = run(["dvc", "exp", "show", "--csv"], repo, env)
+    assert all(name in shown for name in names)
+    parents, children = children_by_parent(mlflow_runs(repo))
+    by_name = {parent.data.tags.get("dvc.exp_name"): run_id for run_id, parent in parents.items()}
+    for name in names:
+        assert sorted(children[by_name[name]]) == ["evaluate", "train"]

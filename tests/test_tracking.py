@@ -64,8 +64,15 @@ def test_pipeline_key_is_the_dvc_ancestor(tmp_path):
     lines = subprocess.run([str(fake_dvc), "repro"], capture_output=True, text=True, check=True).stdout.split()
     dvc_pid, first, second = lines
     assert first == second
-    assert first.startswith(f"{dvc_pid}-")
+    assert first.startswith(f":{dvc_pid}-")
     assert pipeline_key() != first
+
+
+def test_pipeline_key_tells_queued_experiments_apart(monkeypatch):
+    monkeypatch.setenv("DVC_EXP_NAME", "first")
+    first = pipeline_key()
+    monkeypatch.setenv("DVC_EXP_NAME", "second")
+    assert pipeline_key() != first and pipeline_key().startswith("second:")
 
 
 @pytest.fixture

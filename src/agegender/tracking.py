@@ -29,16 +29,19 @@ def tracking_uri():
 
 
 def pipeline_key():
-    """Same for every stage that one `dvc repro`/`dvc exp run` process starts."""
+    """Same for every stage that one `dvc repro`/`dvc exp run` process starts; a queue worker
+    that runs several experiments in turn tells them apart by the experiment's name."""
     process = psutil.Process()
+    owner = process
     for ancestor in process.parents():
         try:
             command = " ".join(ancestor.cmdline())
         except psutil.Error:
             continue
         if "dvc" in Path(command.split(" ")[0]).name or " -m dvc" in command or "/dvc " in command:
-            return f"{ancestor.pid}-{ancestor.create_time():.0f}"
-    return f"{process.pid}-{process.create_time():.0f}"
+            owner = ancestor
+            break
+    return f"{os.environ.get('DVC_EXP_NAME', '')}:{owner.pid}-{owner.create_time():.0f}"
 
 
 def git_commit():
