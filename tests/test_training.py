@@ -14,7 +14,8 @@ from agegender.errors import PipelineError  # noqa: E402
 from agegender.losses import HeadLoss  # noqa: E402
 from agegender.model import build_networks  # noqa: E402
 from agegender.params import load_params  # noqa: E402
-from agegender.training import base_weights, compile_for_training, network_settings, training_callbacks  # noqa: E402
+from agegender.training import (  # noqa: E402
+    ReseedEachEpoch, base_weights, compile_for_training, network_settings, phase_history, training_callbacks)
 
 
 @pytest.fixture(scope="module")
@@ -128,16 +129,35 @@ def callback_types(callbacks):
 
 def test_callbacks(tmp_path):
     extra = keras.callbacks.Callback()
-    plain = training_callbacks(section(), tmp_path / "history.csv", [extra])
-    assert callback_types(plain) == [keras.callbacks.CSVLogger, keras.callbacks.Callback]
-    assert plain[0].filename == str(tmp_path / "history.csv") and plain[0].append
+    plain = training_callbacks(section(), tmp_path, "head", [extra])
+    assert callback_types(plain) == [keras.callbacks.BackupAndRestore, ReseedEachEpoch, keras.callbacks.CSVLogger,
+                                    keras.callbacks.Callback]
+    assert plain[2].filename == str(tmp_path / "head.csv") and plain[2].append
 
-    stopping = training_callbacks(section(early_stopping=4, lr_schedule="cosine"), tmp_path / "h.csv", [])
+    stopping = training_callbacks(section(early_stopping=4, lr_schedule="cosine"), tmp_path, "head", [])
     early = [c for c in stopping if isinstance(c, keras.callbacks.EarlyStopping)]
     assert len(early) == 1 and early[0].restore_best_weights and early[0].patience == 4
     assert early[0].monitor == "val_loss"
     assert keras.callbacks.ReduceLROnPlateau not in callback_types(stopping)
 
-    plateau = training_callbacks(section(lr_schedule="plateau"), tmp_path / "h.csv", [])
+    plateau = training_callbacks(section(lr_schedule="plateau"), tmp_path, "head", [])
     assert keras.callbacks.ReduceLROnPlateau in callback_types(plateau)
     assert keras.callbacks.EarlyStopping not in callback_types(plateau)
+
+
+def test_a_fresh_phase_forgets_an_old_log_and_a_resumed_one_keeps_it(tmp_path):
+    (tmp_path / "head.csv").write_text("epoch,loss\n0,1.0\n")
+    training_callbacks(section(), tmp_path, "head", [])
+    assert not (tmp_path / "head.csv").exists()
+    (tmp_path / "head").mkdir()
+    (tmp_path / "head" / "latest.weights.h5").write_bytes(b"")
+    (tmp_path / "head.csv").write_text("epoch,loss\n0,1.0\n")
+    training_callbacks(section(), tmp_path, "head", [])
+    assert (tmp_path / "head.csv").exists()
+
+
+def test_phase_history_numbers_epochs_on(tmp_path):
+    (tmp_path / "head.csv").write_text("epoch,loss\n0,3.0\n1,2.0\n")
+    (tmp_path / "finetune.csv").write_text("epoch,loss\n2,1.5\n")
+    history = phase_history(tmp_path, ["head", "finetune"])
+    assert list(history["epoch"]) == [0, 1, 2] and list(history["loss"]) == [3.0, 2.0, 1.5]

@@ -45,24 +45,40 @@ def gender_sample_weights(genders, weighting):
     return gender_class_weights(genders, weighting)[np.asarray(genders)]
 
 
+class EpochSync(keras.callbacks.Callback):
+    """Tells the batches which epoch starts, also the first one after a resume."""
+
+    def __init__(self, batches):
+        super().__init__()
+        self.batches = batches
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.batches.set_epoch(epoch)
+
+
 class FeatureBatches(keras.utils.PyDataset):
     """Shuffled batches of cached features; with flipped copies, each epoch draws for every
     image either the original or the mirrored one, the cached form of flip augmentation."""
 
-    def __init__(self, features, labels, sample_weights, batch_size, seed, flipped=None):
+    def __init__(self, features, labels, sample_weights, batch_size, seed, flipped=None, epoch=0):
         super().__init__()
         self.features, self.flipped, self.labels, self.sample_weights = features, flipped, labels, sample_weights
-        self.batch_size, self.seed, self.epoch = batch_size, seed, 0
-        self.on_epoch_end()
+        self.batch_size, self.seed = batch_size, seed
+        self.set_epoch(epoch)
 
     def __len__(self):
         return -(-len(self.features) // self.batch_size)
 
-    def on_epoch_end(self):
-        rng = np.random.default_rng([self.seed, self.epoch])
+    def set_epoch(self, epoch):
+        """The order and the mirror draws depend on the epoch alone, so a resumed run sees the
+        same batches as an uninterrupted one."""
+        self.epoch = epoch
+        rng = np.random.default_rng([self.seed, epoch])
         self.order = rng.permutation(len(self.features))
         self.use_flipped = rng.random(len(self.features)) < 0.5 if self.flipped is not None else None
-        self.epoch += 1
+
+    def on_epoch_end(self):
+        self.set_epoch(self.epoch + 1)
 
     def __getitem__(self, index):
         rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]

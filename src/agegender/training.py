@@ -4,6 +4,8 @@ import json
 from pathlib import Path
 
 import keras
+import numpy as np
+import pandas as pd
 
 from agegender.errors import PipelineError
 from agegender.losses import HeadLoss
@@ -60,12 +62,61 @@ def compile_for_training(model, section, lr, steps_per_epoch, epochs, jit_compil
     return model
 
 
-def training_callbacks(section, history_path, extra):
-    """Early stopping restores the best epoch's weights, so the model kept is the best one."""
-    callbacks = [keras.callbacks.CSVLogger(str(history_path), append=True), *extra]
+def training_callbacks(section, backup_dir, phase, extra, seed=0):
+    """Callbacks of one training phase. A killed run restarts from the last finished epoch
+    (weights, optimizer and random state from `backup_dir`, the epochs logged so far kept);
+    early stopping restores the best epoch's weights, so the model kept is the best one."""
+    resume_point(backup_dir, phase)
+    checkpoint, log = Path(backup_dir) / phase, Path(backup_dir) / f"{phase}.csv"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    callbacks = [keras.callbacks.BackupAndRestore(str(checkpoint), double_checkpoint=True), ReseedEachEpoch(seed),
+                 keras.callbacks.CSVLogger(str(log), append=True), *extra]
     if section["early_stopping"]:
         callbacks.append(keras.callbacks.EarlyStopping(
             monitor="val_loss", patience=section["early_stopping"], restore_best_weights=True))
     if section["lr_schedule"] == "plateau":
         callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2))
     return callbacks
+
+
+def resume_point(backup_dir, phase):
+    """Epochs of `phase` finished before a kill (0 for a fresh start); the log is cut to them."""
+    metadata = Path(backup_dir) / phase / "training_metadata.json"
+    log = Path(backup_dir) / f"{phase}.csv"
+    epochs = json.loads(metadata.read_text())["epoch"] if metadata.exists() else 0
+    if not epochs:
+        log.unlink(missing_ok=True)
+    elif log.exists():
+        rows = log.read_text().splitlines(keepends=True)
+        log.write_text("".join(rows[:epochs + 1]))
+    return epochs
+
+
+def phase_history(backup_dir, phases):
+    """All epochs of the phases that ran, numbered on, as CSVLogger wrote them."""
+    logs = [pd.read_csv(Path(backup_dir) / f"{phase}.csv") for phase in phases if (Path(backup_dir) / f"{phase}.csv").exists()]
+    history = pd.concat(logs, ignore_index=True)
+    history["epoch"] = range(len(history))
+    return history
+
+
+def seed_generators(layer):
+    """The random state of dropout and augmentation layers, also inside nested models."""
+    found = [layer.seed_generator] if getattr(layer, "seed_generator", None) is not None else []
+    for inner in getattr(layer, "layers", []):
+        found += seed_generators(inner)
+    return found
+
+
+class ReseedEachEpoch(keras.callbacks.Callback):
+    """Dropout and augmentation draw from a state that depends on the epoch alone: saved
+    weights do not hold that state, so this is what lets a resumed run repeat the masks."""
+
+    def __init__(self, seed):
+        super().__init__()
+        self.seed = seed
+
+    def on_epoch_begin(self, epoch, logs=None):
+        for index, generator in enumerate(seed_generators(self.model)):
+            state = np.random.default_rng([self.seed, epoch, index]).integers(0, 2**31, size=2)
+            generator.state.assign(np.asarray(state, dtype=generator.state.dtype))

@@ -1,6 +1,7 @@
 """Stage train: the heads (and the backbone's trainable tail) on cached features, then an
 optional fine-tuning phase on augmented images with more of the backbone unfrozen."""
 import os
+import shutil
 import tempfile
 import time
 from contextlib import nullcontext
@@ -15,12 +16,12 @@ import pandas as pd
 from agegender import devices
 from agegender.data import image_dataset, labels_of
 from agegender.errors import exits_cleanly
-from agegender.features import FeatureBatches, gender_class_weights, gender_sample_weights, load_features, read_manifest
-from agegender.files import write_json
+from agegender.features import EpochSync, FeatureBatches, gender_class_weights, gender_sample_weights, load_features, read_manifest
+from agegender.files import write_csv, write_json
 from agegender.model import TASKS, build_networks, set_trainable_tail
 from agegender.params import load_params
 from agegender.tracking import StageRun, stage_run
-from agegender.training import compile_for_training, network_settings, training_callbacks
+from agegender.training import compile_for_training, network_settings, phase_history, resume_point, training_callbacks
 
 SPLIT_DIR = Path("data/split")
 IMAGE_DIR = Path("data/crops/images")
@@ -28,26 +29,26 @@ FEATURES = Path("data/features")
 MODEL = Path("models/model.keras")
 HISTORY = Path("metrics/train_history.csv")
 METRICS = Path("metrics/train.json")
+BACKUP = Path("data/train_backup")  # not a DVC output, so it survives a killed run
 
 
 def one_hot(table):
     return {task: keras.utils.to_categorical(values, TASKS[task]).astype(np.float32) for task, values in labels_of(table).items()}
 
 
-def train_head(networks, section, seed, train, val, setup, callbacks):
+def train_head(networks, section, seed, train, val, setup, callbacks, first_epoch):
     """Phase 1: every epoch reads the cached features, never an image."""
     manifest = read_manifest(FEATURES)
     flipped = load_features(FEATURES, "train_flipped") if "train_flipped" in manifest["versions"] else None
     weights = {"gender": gender_sample_weights(train["gender"], section["gender_weighting"]),
                "age": np.ones(len(train), dtype=np.float32)}
     batch = section["batch_size"] * setup["replicas"]
-    batches = FeatureBatches(load_features(FEATURES, "train"), one_hot(train), weights, batch, seed, flipped)
+    batches = FeatureBatches(load_features(FEATURES, "train"), one_hot(train), weights, batch, seed, flipped, first_epoch)
     lr = section["lr"] * setup["replicas"]
     with setup["strategy"].scope():
         compile_for_training(networks.head_model, section, lr, len(batches), section["epochs"], setup["jit_compile"])
-    history = networks.head_model.fit(batches, validation_data=(load_features(FEATURES, "val"), one_hot(val)),
-                                      epochs=section["epochs"], callbacks=callbacks, verbose=2)
-    return history.history
+    networks.head_model.fit(batches, validation_data=(load_features(FEATURES, "val"), one_hot(val)),
+                            epochs=section["epochs"], callbacks=[*callbacks, EpochSync(batches)], shuffle=False, verbose=2)
 
 
 def finetune(networks, section, seed, train, val, setup, callbacks, first_epoch):
@@ -60,10 +61,9 @@ def finetune(networks, section, seed, train, val, setup, callbacks, first_epoch)
     with setup["strategy"].scope():
         compile_for_training(networks.image_model, section, section["finetune_lr"] * setup["replicas"],
                              len(images), section["finetune_epochs"], setup["jit_compile"])
-    history = networks.image_model.fit(images, validation_data=image_dataset(val, IMAGE_DIR, size, batch),
-                                       initial_epoch=first_epoch, epochs=first_epoch + section["finetune_epochs"],
-                                       callbacks=callbacks, verbose=2)
-    return history.history
+    networks.image_model.fit(images, validation_data=image_dataset(val, IMAGE_DIR, size, batch),
+                             initial_epoch=first_epoch, epochs=first_epoch + section["finetune_epochs"],
+                             callbacks=callbacks, verbose=2)
 
 
 @exits_cleanly
@@ -77,28 +77,32 @@ def main():
         networks = build_networks(**network_settings(params))
         networks.base.load_weights(FEATURES / "base.weights.h5")
     root = Path(".") if setup["chief"] else Path(tempfile.mkdtemp(prefix="agegender-worker-"))
-    (root / HISTORY).unlink(missing_ok=True)
-    (root / HISTORY).parent.mkdir(parents=True, exist_ok=True)
+    backup = root / BACKUP
     logged = {**section, **params["model"], "seed": seed, **{k: v for k, v in setup.items() if k != "strategy"}}
     tracking = stage_run("train", logged, params["mlflow"]["experiment"]) if setup["chief"] else nullcontext(StageRun(None))
     with tracking as run:
-        callbacks = training_callbacks(section, root / HISTORY, [run.keras_callback()])
         started = time.perf_counter()
-        history = train_head(networks, section, seed, train, val, setup, callbacks)
+        callbacks = training_callbacks(section, backup, "head", [run.keras_callback()], seed)
+        train_head(networks, section, seed, train, val, setup, callbacks, resume_point(backup, "head"))
         head_seconds = time.perf_counter() - started
-        epochs_run = last_phase = len(history["loss"])
+        phases = ["head"] + (["finetune"] if section["finetune_epochs"] else [])
+        head_epochs = len(phase_history(backup, ["head"]))
         if section["finetune_epochs"]:
-            for name, values in finetune(networks, section, seed, train, val, setup, callbacks, epochs_run).items():
-                history[name] = history.get(name, []) + values
+            callbacks = training_callbacks(section, backup, "finetune", [run.keras_callback()], seed)
+            finetune(networks, section, seed, train, val, setup, callbacks, head_epochs)
+        history = phase_history(backup, phases)
+        last_phase = history.iloc[head_epochs:] if section["finetune_epochs"] else history
+        best = int(last_phase["val_loss"].idxmin())
+        metrics = {
+            **{name: round(float(value), 6) for name, value in history.iloc[best].items() if name not in ("epoch", "learning_rate")},
+            "best_epoch": best + 1, "epochs_run": len(history), "train_images": len(train),
+            "head_epoch_seconds": round(head_seconds / head_epochs, 3),
+        }
         (root / MODEL).parent.mkdir(parents=True, exist_ok=True)
         networks.image_model.save(root / MODEL)
-        best = last_phase + int(np.argmin(history["val_loss"][last_phase:])) if section["finetune_epochs"] else int(np.argmin(history["val_loss"]))
-        metrics = {
-            **{name: round(float(values[best]), 6) for name, values in history.items() if name != "learning_rate"},
-            "best_epoch": best + 1, "epochs_run": len(history["loss"]), "train_images": len(train),
-            "head_epoch_seconds": round(head_seconds / epochs_run, 3),
-        }
+        write_csv(root / HISTORY, history)
         write_json(root / METRICS, metrics)
+        shutil.rmtree(backup, ignore_errors=True)
         run.log_metrics(metrics)
         run.log_keras_model(networks.image_model)
     print(f"train: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, val gender accuracy "

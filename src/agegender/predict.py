@@ -1,0 +1,250 @@
+"""Age and gender of every face in photos, with the trained model.
+
+    python -m agegender.predict PHOTO_OR_FOLDER [...] [--model models/model.keras]
+        [--format jsonl|csv] [--annotate DIR] [--batch-size 32] [--params params.yaml]
+
+Faces are found with MTCNN and cropped as the crop stage crops them for `crop.method: mtcnn`
+(`crop.margin`, `crop.size`), then resized to the model's input size. One line per face goes
+to stdout (JSON lines, or CSV with a header); a photo that cannot be used is named on stderr
+with its reason (missing, unreadable, too_large, no_face) and the run goes on. Exit status:
+0 when at least one face was predicted, 1 when none was, 2 for a usage error.
+
+`find_faces` and `predict_faces` are the reusable core (a server can call them directly).
+"""
+import argparse
+import csv
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+import numpy as np
+
+from agegender.errors import PipelineError, exits_cleanly
+from agegender.images import ImageSkip, as_array, crop_face, grow_box, load_rgb, resize_whole
+from agegender.metrics import AGES, bin_labels, bin_probabilities
+
+MODEL = Path("models/model.keras")
+PARAMS = Path("params.yaml")
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+GENDERS = ("female", "male")  # output index 0, 1, as the dataset codes gender
+FIELDS = ["file", "face", "x1", "y1", "x2", "y2", "confidence", "gender", "gender_prob", "age", "age_bin", "age_bin_prob"]
+
+
+@dataclass
+class Face:
+    box: tuple          # x1, y1, x2, y2 of the detected face, integer pixels inside the photo
+    confidence: float   # MTCNN's confidence
+    crop: object        # PIL image, the face grown by the margin, size x size, as the crop stage writes it
+
+
+def find_faces(image, margin, size, min_face_size=20):
+    """Every face in an RGB PIL image, most confident first, cropped as the crop stage crops it."""
+    from agegender.faces import detect_faces  # loads MTCNN only when asked
+
+    faces = []
+    for box, confidence in detect_faces(image, min_face_size=min_face_size):
+        crop = crop_face(image, grow_box(box, margin), size)
+        faces.append(Face(clip_box(box, *image.size), confidence, crop))
+    return faces
+
+
+def clip_box(box, width, height):
+    x1, y1, x2, y2 = box
+    return (int(round(min(max(x1, 0), width))), int(round(min(max(y1, 0), height))),
+            int(round(min(max(x2, 0), width))), int(round(min(max(y2, 0), height))))
+
+
+def predict_faces(model, crops, bins, batch_size=32):
+    """Gender and age of face crops (PIL images, resized here to the model's input size):
+    one dict per crop with gender, gender_prob, age (DEX expected value), age_bin, age_bin_prob."""
+    if not crops:
+        return []
+    size = model.input_shape[1]
+    pixels = np.stack([as_array(crop if crop.size == (size, size) else resize_whole(crop, size)) for crop in crops])
+    gender, age = [], []
+    for start in range(0, len(pixels), batch_size):
+        outputs = model.predict_on_batch(pixels[start:start + batch_size].astype(np.float32))
+        gender.append(np.asarray(outputs["gender"], dtype=np.float64))
+        age.append(np.asarray(outputs["age"], dtype=np.float64))
+    gender, age = np.concatenate(gender), np.concatenate(age)
+    labels = bin_labels(bins)
+    bin_probs = bin_probabilities(age, bins)
+    results = []
+    for g, a, b in zip(gender, age, bin_probs):
+        male = int(g.argmax())
+        best_bin = int(b.argmax())
+        results.append({
+            "gender": GENDERS[male],
+            "gender_prob": round(float(g[male]), 4),
+            "age": round(float(a @ AGES), 1),
+            "age_bin": labels[best_bin],
+            "age_bin_prob": round(float(b[best_bin]), 4),
+        })
+    return results
+
+
+def image_files(paths):
+    """The named files as given, and the image files under named folders, sorted, recursively."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            files += [(p, p.relative_to(path)) for p in sorted(found)]
+        else:
+            files.append((path, Path(path.name)))
+    return files
+
+
+def annotate(image, faces, results):
+    """A copy of the photo with each face's box and its label drawn on it."""
+    from PIL import ImageDraw, ImageFont
+
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    scale = max(image.size) / 500
+    try:
+        font = ImageFont.load_default(size=max(11, round(14 * scale)))
+    except (TypeError, ImportError, OSError):  # no FreeType: the small bitmap font
+        font = ImageFont.load_default()
+    width = max(2, round(2 * scale))
+    for index, (face, result) in enumerate(zip(faces, results)):
+        colour = (30, 144, 255) if result["gender"] == "male" else (255, 64, 160)
+        draw.rectangle(face.box, outline=colour, width=width)
+        label = f"#{index} {result['gender']} {result['gender_prob']:.2f}, age {result['age']:.1f} ({result['age_bin']})"
+        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
+        x = face.box[0]
+        y = face.box[1] - (bottom - top) - 2 * width if face.box[1] > (bottom - top) + 2 * width else face.box[3] + width
+        draw.rectangle((x, y, x + right - left + 2 * width, y + bottom - top + 2 * width), fill=colour)
+        draw.text((x + width - left, y + width - top), label, fill=(255, 255, 255), font=font)
+    return image
+
+
+def save_annotated(image, target):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    options = {"quality": 95} if target.suffix.lower() in (".jpg", ".jpeg", ".webp") else {}
+    image.save(target, **options)
+
+
+class Writer:
+    """One record per face on stdout, as JSON lines or CSV (header first)."""
+
+    def __init__(self, fmt, stream):
+        self.fmt, self.stream = fmt, stream
+        if fmt == "csv":
+            self.csv = csv.DictWriter(stream, fieldnames=FIELDS, lineterminator="\n")
+            self.csv.writeheader()
+
+    def write(self, file, index, face, result):
+        record = {"file": str(file), "face": index, "box": list(face.box),
+                  "confidence": round(face.confidence, 4), **result}
+        if self.fmt == "csv":
+            box = record.pop("box")
+            self.csv.writerow({**record, **dict(zip(("x1", "y1", "x2", "y2"), box))})
+        else:
+            self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()
+
+
+def parse_args(argv):
+    parser = argparse.ArgumentParser(
+        prog="agegender-predict",
+        description="Find the faces in photos and predict each one's gender and age with the trained model.")
+    parser.add_argument("paths", nargs="+", metavar="PHOTO_OR_FOLDER",
+                        help="photos, or folders searched for jpg, jpeg, png, bmp and webp files")
+    parser.add_argument("--model", type=Path, default=MODEL, help=f"the saved model (default {MODEL})")
+    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output on stdout (default jsonl)")
+    parser.add_argument("--annotate", type=Path, metavar="DIR", help="write each photo with boxes and labels drawn into DIR")
+    parser.add_argument("--batch-size", type=positive, default=32, help="faces per model call (default 32)")
+    parser.add_argument("--params", type=Path, default=PARAMS,
+                        help="params.yaml giving crop.margin, crop.size and evaluate.age_bins (default params.yaml)")
+    return parser.parse_args(argv)
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def open_model(path):
+    from agegender.model import load_model
+
+    if not Path(path).is_file():
+        raise PipelineError(
+            f"model file {path} not found. Train one with `dvc repro train` (it writes {MODEL}), "
+            f"or pass --model with the path of a saved .keras model.")
+    try:
+        return load_model(path)
+    except (ValueError, OSError, TypeError) as error:  # TypeError: saved by older code (an unknown loss)
+        reason = str(error).strip().splitlines()[-1]
+        raise PipelineError(f"{path} could not be loaded as a Keras model ({reason}). It may come from an older "
+                            f"version of the training code: rebuild it with `dvc repro train`, or pass another --model.") from None
+
+
+@exits_cleanly
+def main(argv=None):
+    args = parse_args(argv)
+    from agegender.params import load_params
+
+    params = load_params(args.params)
+    margin, size, bins = params["crop"]["margin"], params["crop"]["size"], params["evaluate"]["age_bins"]
+    model = open_model(args.model)
+    files = image_files(args.paths)
+    writer = Writer(args.format, sys.stdout)
+
+    from tqdm import tqdm
+
+    show_bar = any(Path(p).is_dir() for p in args.paths) and sys.stderr.isatty()
+    progress = tqdm(files, desc="predict", unit="photo", file=sys.stderr, disable=not show_bar)
+    pending = []  # (file, name, image or None, faces) waiting for a batch to fill
+    counts = {"photos": 0, "faces": 0, "skipped": 0}
+
+    def report(file, reason):
+        counts["skipped"] += 1
+        progress.write(f"{file}: {reason}", file=sys.stderr)
+
+    def flush():
+        crops = [face.crop for *_, faces in pending for face in faces]
+        results = iter(predict_faces(model, crops, bins, args.batch_size))
+        for file, name, image, faces in pending:
+            own = [next(results) for _ in faces]
+            for index, (face, result) in enumerate(zip(faces, own)):
+                writer.write(file, index, face, result)
+            counts["photos"] += 1
+            counts["faces"] += len(faces)
+            if image is not None:
+                try:
+                    save_annotated(annotate(image, faces, own), args.annotate / name)
+                except (OSError, ValueError, KeyError) as error:
+                    report(file, f"annotate_failed ({error})")
+        pending.clear()
+
+    for file, name in progress:
+        try:
+            image = load_rgb(file)
+        except ImageSkip as skip:
+            report(file, skip.reason)
+            continue
+        faces = find_faces(image, margin, size)
+        if not faces:
+            report(file, "no_face")
+            continue
+        pending.append((file, name, image if args.annotate else None, faces))
+        if sum(len(faces) for *_, faces in pending) >= args.batch_size:
+            flush()
+    flush()
+    progress.close()
+
+    if not counts["faces"]:
+        print(f"predict: no face predicted in {len(files)} file(s)", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
