@@ -15,7 +15,8 @@ from agegender.losses import HeadLoss  # noqa: E402
 from agegender.model import build_networks  # noqa: E402
 from agegender.params import load_params  # noqa: E402
 from agegender.training import (  # noqa: E402
-    ReseedEachEpoch, base_weights, compile_for_training, network_settings, phase_history, training_callbacks)
+    ReseedEachEpoch, base_weights, compile_for_training, network_settings, phase_history, resume_point,
+    training_callbacks)
 
 
 @pytest.fixture(scope="module")
@@ -145,15 +146,15 @@ def test_callbacks(tmp_path):
     assert keras.callbacks.EarlyStopping not in callback_types(plateau)
 
 
-def test_a_fresh_phase_forgets_an_old_log_and_a_resumed_one_keeps_it(tmp_path):
+def test_a_fresh_phase_forgets_an_old_log_and_a_resumed_one_is_cut_to_its_checkpoint(tmp_path):
     (tmp_path / "head.csv").write_text("epoch,loss\n0,1.0\n")
-    training_callbacks(section(), tmp_path, "head", [])
+    assert resume_point(tmp_path, "head") == 0
     assert not (tmp_path / "head.csv").exists()
     (tmp_path / "head").mkdir()
-    (tmp_path / "head" / "latest.weights.h5").write_bytes(b"")
-    (tmp_path / "head.csv").write_text("epoch,loss\n0,1.0\n")
-    training_callbacks(section(), tmp_path, "head", [])
-    assert (tmp_path / "head.csv").exists()
+    (tmp_path / "head" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
+    (tmp_path / "head.csv").write_text("epoch,loss\n0,3.0\n1,2.0\n2,1.0\n")  # killed after logging epoch 2
+    assert resume_point(tmp_path, "head") == 2
+    assert (tmp_path / "head.csv").read_text() == "epoch,loss\n0,3.0\n1,2.0\n"
 
 
 def test_phase_history_numbers_epochs_on(tmp_path):
