@@ -159,12 +159,12 @@ def test_apply_filter_rules_and_counts():
         {"gender": np.nan},                   # unknown_gender
         {"age": 101},                         # age_out_of_range
         {"age": -1},                          # age_out_of_range
-        {"age": np.nan},                      # age_out_of_range
+        {"age": np.nan},                      # invalid_date
         {"gender": 0.0, "age": 0, "face_score": 1.0},  # kept (bounds included)
         {"age": 100},                         # kept
     ])
     kept, removed = apply_filter(table, FILTER)
-    assert removed == {"no_face": 2, "second_face": 1, "unknown_gender": 1, "age_out_of_range": 3}
+    assert removed == {"no_face": 2, "second_face": 1, "unknown_gender": 1, "invalid_date": 1, "age_out_of_range": 2}
     assert list(kept["full_path"]) == ["0.jpg", "8.jpg", "9.jpg"]
     assert kept["gender"].dtype.kind == "i" and kept["age"].dtype.kind == "i"
     assert list(kept.index) == [0, 1, 2]
@@ -195,7 +195,8 @@ def test_apply_filter_limit():
     table = table_of([{}, {"face_score": -np.inf}, {}, {}, {}])
     kept, removed = apply_filter(table, {**FILTER, "limit": 2})
     assert list(kept["full_path"]) == ["0.jpg", "2.jpg"]
-    assert removed == {"no_face": 1, "second_face": 0, "unknown_gender": 0, "age_out_of_range": 0, "limit": 2}
+    assert removed == {"no_face": 1, "second_face": 0, "unknown_gender": 0, "invalid_date": 0, "age_out_of_range": 0,
+                       "limit": 2}
     kept, removed = apply_filter(table, {**FILTER, "limit": 10})
     assert len(kept) == 4 and "limit" not in removed
 

@@ -1,4 +1,5 @@
 """One error type for every expected failure, and the wrapper that prints it as a paragraph."""
+import errno
 import functools
 import sys
 
@@ -16,6 +17,13 @@ def exits_cleanly(main):
             return main(*args, **kwargs)
         except PipelineError as error:
             print(f"error: {error}", file=sys.stderr)
+            sys.exit(1)
+        except OSError as error:
+            if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            print(f"error: could not write {error.filename or 'an output'} ({error.strerror}). Free disk space or "
+                  f"make it writable, then re-run: outputs are written whole or not at all, so nothing "
+                  f"half-written was left behind.", file=sys.stderr)
             sys.exit(1)
 
     return wrapper

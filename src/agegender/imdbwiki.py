@@ -94,6 +94,7 @@ def filter_rules(params):
         ("second_face", (lambda t: t["second_face_score"].notna()) if max_second is None
          else (lambda t: t["second_face_score"] > max_second)),
         ("unknown_gender", lambda t: ~t["gender"].isin([0.0, 1.0])),  # gender is a training target
+        ("invalid_date", lambda t: t["age"].isna()),  # dob before year 1, NaN or inf, or no photo year
         ("age_out_of_range", lambda t: ~t["age"].between(params["min_age"], params["max_age"])),
     ]
 

@@ -1,9 +1,13 @@
 """Stage crop: one square face image per kept record, at crop.size with crop.margin.
 
 Images that are missing, undecodable, too small, or (with mtcnn) hold no face are skipped
-and counted per reason in metrics/crop.json.
+and counted per reason in metrics/crop.json. A killed run restarts without redoing the faces
+it finished, as long as the settings and the records are the same (data/crops persists).
 """
+import hashlib
+import json
 import os
+import shutil
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
 from functools import partial
@@ -13,7 +17,7 @@ import pandas as pd
 
 from agegender.datasets import DATASETS, dataset_dir
 from agegender.errors import PipelineError, exits_cleanly
-from agegender.files import write_csv, write_json
+from agegender.files import replace_atomically, write_csv, write_json
 from agegender.images import ImageSkip, crop_face, face_box_in_crop, grow_box, load_rgb, resize_whole
 from agegender.params import load_params
 from agegender.tracking import stage_run
@@ -40,6 +44,9 @@ def face_box(record, image, settings):
 
 def crop_record(record, source_dir, out_dir, settings):
     """Write one face image; return None when written, else the reason it was skipped."""
+    target = (out_dir / record["full_path"]).with_suffix(".jpg")
+    if target.exists():  # finished by an interrupted run with the same settings
+        return None
     try:
         image = load_rgb(source_dir / record["full_path"], min_size=settings["min_source_size"])
         if settings["method"] == "none":
@@ -48,9 +55,7 @@ def crop_record(record, source_dir, out_dir, settings):
             face = crop_face(image, grow_box(face_box(record, image, settings), settings["margin"]), settings["size"])
     except ImageSkip as skip:
         return skip.reason
-    target = out_dir / record["full_path"]
-    target.parent.mkdir(parents=True, exist_ok=True)
-    face.save(target.with_suffix(".jpg"), format="JPEG", quality=95)
+    replace_atomically(target, lambda tmp: face.save(tmp, format="JPEG", quality=95))
     return None
 
 
@@ -63,13 +68,25 @@ def crop_all(records, source_dir, out_dir, settings, workers):
         return list(pool.map(work, rows, chunksize=max(1, len(rows) // (workers * 16))))
 
 
+def prepare_output(out_dir, settings):
+    """Keep the faces of an interrupted run only if they were made from the same inputs;
+    the index goes first, so the folder never looks complete before it is."""
+    marker = out_dir / "settings.json"
+    (out_dir / "index.csv").unlink(missing_ok=True)
+    if not marker.exists() or json.loads(marker.read_text()) != json.loads(json.dumps(settings)):
+        shutil.rmtree(out_dir, ignore_errors=True)
+    write_json(marker, settings)
+
+
 @exits_cleanly
 def main():
     params = load_params()
     section = params["crop"]
     dataset = params["data"]["dataset"]
     records = pd.read_csv(RECORDS, keep_default_na=False, na_values=[""])
-    settings = {**section, "from_crop_archive": DATASETS[dataset]["folder"].endswith("_crop")}
+    settings = {**section, "dataset": dataset, "from_crop_archive": DATASETS[dataset]["folder"].endswith("_crop"),
+                "records_md5": hashlib.md5(RECORDS.read_bytes()).hexdigest()}
+    prepare_output(OUT_DIR, settings)
     workers = section["workers"] or os.cpu_count()
     reasons = crop_all(records, dataset_dir(RAW_DIR, dataset), OUT_DIR / "images", settings, workers)
     written = records[[reason is None for reason in reasons]]
