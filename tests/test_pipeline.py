@@ -18,7 +18,7 @@ TINY = {
     "train": {"input_size": 32, "epochs": 1, "trainable_layers": 0, "head_units": [16, 16], "batch_size": 32,
               "finetune_epochs": 1, "finetune_layers": 2},
 }
-STAGES = ("download_data", "download_weights", "filter", "crop", "split", "features", "train", "evaluate")
+STAGES = ("download_data", "download_weights", "filter", "crop", "split", "features", "train", "evaluate", "export")
 
 
 def mlflow_runs(repo):
@@ -64,15 +64,19 @@ def test_repro_rerun_experiment_and_mlflow(repo):
     commit(repo, env, "baseline run")
     experiment = run(["dvc", "exp", "run", "-S", "train.epochs=2", "-n", "two-epochs"], repo, env)
     ran = [stage for stage in STAGES if f"Running stage '{stage}'" in experiment]
-    assert ran == ["train", "evaluate"]
+    assert ran == ["train", "evaluate", "export"]
     assert "two-epochs" in run(["dvc", "exp", "show", "--csv"], repo, env)
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env))
     assert "metrics/train.json" in diff and "metrics/evaluate.json" in diff
 
     parents, children = children_by_parent(mlflow_runs(repo))
-    assert sorted(map(sorted, children.values())) == sorted([sorted(STAGES), ["evaluate", "train"]])
+    assert sorted(map(sorted, children.values())) == sorted([sorted(STAGES), ["evaluate", "export", "train"]])
     tagged = [parent for parent in parents.values() if parent.data.tags.get("dvc.exp_name") == "two-epochs"]
-    assert len(tagged) == 1 and sorted(children[tagged[0].info.run_id]) == ["evaluate", "train"]
+    assert len(tagged) == 1 and sorted(children[tagged[0].info.run_id]) == ["evaluate", "export", "train"]
+    import mlflow
+
+    versions = mlflow.MlflowClient().search_model_versions("name='agegender-model'")
+    assert len(versions) == 2  # the export of each execution registers a version
 
 
 def test_archive_holding_only_the_real_mat_filters_to_38138(repo, shared_data):
@@ -109,4 +113,4 @@ def test_queued_experiments_each_get_a_parent_run(repo):
     parents, children = children_by_parent(mlflow_runs(repo))
     by_name = {parent.data.tags.get("dvc.exp_name"): run_id for run_id, parent in parents.items()}
     for name in names:
-        assert sorted(children[by_name[name]]) == ["evaluate", "train"]
+        assert sorted(children[by_name[name]]) == ["evaluate", "export", "train"]

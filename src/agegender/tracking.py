@@ -94,12 +94,6 @@ class StageRun:
 
         return EpochMetrics()
 
-    def log_keras_model(self, model, name="model"):
-        if self.active:
-            import mlflow.keras
-
-            mlflow.keras.log_model(model, name=name, pip_requirements=["tensorflow==2.21.0", "keras==3.15.1"])
-
 
 def _find_or_start_parent(mlflow, experiment_id, key, tags):
     found = mlflow.search_runs(
@@ -120,7 +114,10 @@ def _find_or_start_parent(mlflow, experiment_id, key, tags):
 
 def _start_child_run(mlflow, stage, params, experiment):
     mlflow.set_tracking_uri(tracking_uri())
-    experiment = mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment)
+    name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
+    if mlflow.get_experiment_by_name(name) is None:  # artifacts at the root, not in a --temp copy
+        mlflow.create_experiment(name, artifact_location=(repo_root() / "mlruns").as_uri())
+    experiment = mlflow.set_experiment(name)
     tags = {"git.commit": git_commit()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]

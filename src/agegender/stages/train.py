@@ -104,7 +104,6 @@ def main():
         write_json(root / METRICS, metrics)
         shutil.rmtree(backup, ignore_errors=True)
         run.log_metrics(metrics)
-        run.log_keras_model(networks.image_model)
     print(f"train: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, val gender accuracy "
           f"{metrics['val_gender_accuracy']:.4f}, val age accuracy {metrics['val_age_accuracy']:.4f}")
 

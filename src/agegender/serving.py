@@ -1,0 +1,136 @@
+"""The trained model as an MLflow pyfunc model, for `mlflow models serve` and the model registry.
+
+One request row is one face crop, base64-encoded JPEG or PNG bytes in the column `image`;
+the answer row holds the fields the predict command prints: gender, gender_prob, age (DEX
+expected value over the 101 outputs), age_bin and age_bin_prob. Faces are not detected here:
+each image is taken as an already cropped face and resized to the model's input size
+(`python -m agegender.predict` finds faces in whole photos).
+"""
+import base64
+import binascii
+import io
+from pathlib import Path
+
+import mlflow.pyfunc
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models.signature import ModelSignature
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
+from mlflow.types.schema import ColSpec, Schema
+
+from agegender.images import ImageSkip, load_rgb
+from agegender.predict import predict_faces
+
+OUTPUT_COLUMNS = ["gender", "gender_prob", "age", "age_bin", "age_bin_prob"]
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "image")]),
+    outputs=Schema([ColSpec("string", "gender"), ColSpec("double", "gender_prob"), ColSpec("double", "age"),
+                    ColSpec("string", "age_bin"), ColSpec("double", "age_bin_prob")]),
+)
+# What the served model needs, pinned as requirements.txt pins it.
+PIP_REQUIREMENTS = ["tensorflow==2.21.0", "keras==3.15.1", "numpy==2.4.6", "pandas==3.1.1", "pillow==13.0.0"]
+PACKAGE_DIR = Path(__file__).resolve().parent
+ARTIFACT = "keras_model"
+
+
+def float32_model(model):
+    """The model computing in float32: a model trained under mixed precision computes in
+    float16, which is slow on a CPU and which TFLite's builtin ops do not take."""
+    if all(layer.dtype_policy.compute_dtype == "float32" for layer in model._flatten_layers()):
+        return model
+
+    def as_float32(config):
+        if isinstance(config, dict):
+            if config.get("class_name") == "DTypePolicy" and str(config.get("config", {}).get("name", "")).startswith("mixed_"):
+                return {**config, "config": {**config["config"], "name": "float32"}}
+            return {key: as_float32(value) for key, value in config.items()}
+        if isinstance(config, list):
+            return [as_float32(value) for value in config]
+        return "float32" if config in ("mixed_float16", "mixed_bfloat16") else config
+
+    copy = model.__class__.from_config(as_float32(model.get_config()))
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def invalid(message):
+    """An error the scoring server answers with 400, naming what is wrong with the request."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+def decode_image(text, row):
+    """A base64 string (optionally a `data:image/...;base64,` URL) -> RGB PIL image."""
+    if not isinstance(text, str) or not text:
+        raise invalid(f"row {row}: 'image' must be a non-empty base64 string, got {type(text).__name__}")
+    if text.startswith("data:") and "," in text:
+        text = text.split(",", 1)[1]
+    try:
+        data = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        try:
+            data = base64.urlsafe_b64decode(text)
+        except (binascii.Error, ValueError):
+            raise invalid(f"row {row}: 'image' is not valid base64") from None
+    try:
+        return load_rgb(io.BytesIO(data))
+    except ImageSkip as error:
+        raise invalid(f"row {row}: 'image' is not a decodable JPEG or PNG image ({error.reason})") from None
+
+
+class AgeGenderModel(mlflow.pyfunc.PythonModel):
+    """Gender and age of face crops sent as base64 images (column `image`, one face per row)."""
+
+    def __init__(self, age_bins, batch_size=32):
+        self.age_bins = [int(edge) for edge in age_bins]
+        self.batch_size = int(batch_size)
+        self.model = None
+
+    def load_context(self, context):
+        from agegender.model import load_model
+
+        self.model = float32_model(load_model(context.artifacts[ARTIFACT]))
+
+    def predict(self, context, model_input: pd.DataFrame, params=None):
+        frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
+        if "image" not in frame.columns:
+            raise invalid(f"the input needs a column 'image' of base64 images; it has {list(frame.columns)}")
+        crops = [decode_image(text, row) for row, text in enumerate(frame["image"])]
+        answers = predict_faces(self.model, crops, self.age_bins, self.batch_size)
+        return pd.DataFrame(answers, columns=OUTPUT_COLUMNS)
+
+    def __getstate__(self):  # the Keras model comes from the artifact, never from the pickle
+        return {**self.__dict__, "model": None}
+
+
+def encode_image(image, format="JPEG"):
+    """A PIL image as the base64 text a request row carries."""
+    buffer = io.BytesIO()
+    image.save(buffer, format=format)
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def example_input():
+    """One small synthetic face-sized JPEG, the input example stored with the model."""
+    from PIL import Image
+
+    ramp = np.linspace(0, 255, 32, dtype=np.uint8)
+    pixels = np.stack([np.tile(ramp, (32, 1)), np.tile(ramp[:, None], (1, 32)), np.full((32, 32), 128, np.uint8)], axis=-1)
+    return pd.DataFrame({"image": [encode_image(Image.fromarray(pixels))]})
+
+
+def log_pyfunc(keras_model_path, params, registered_name, name="pyfunc_model"):
+    """Log the Keras model at `keras_model_path` as a pyfunc model in the active run (or a new
+    one) and register it as a new version of `registered_name` (None: not registered).
+    `params` is the whole params.yaml; the age bins come from `evaluate.age_bins`.
+    Returns MLflow's ModelInfo (model_uri, registered_model_version)."""
+    return mlflow.pyfunc.log_model(
+        name=name,
+        python_model=AgeGenderModel(params["evaluate"]["age_bins"], params["evaluate"]["batch_size"]),
+        artifacts={ARTIFACT: str(keras_model_path)},
+        signature=SIGNATURE,
+        input_example=example_input(),
+        pip_requirements=PIP_REQUIREMENTS,
+        code_paths=[str(PACKAGE_DIR)],
+        registered_model_name=registered_name,
+    )
