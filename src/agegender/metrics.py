@@ -44,3 +44,48 @@ def gender_metrics(gender_true, gender_probs, train_male_share):
 
 def mean_age_baseline(age_true, train_mean_age):
     return float(np.abs(np.asarray(age_true) - train_mean_age).mean())
+
+
+def constant_age_baselines(age_true, train_ages, edges, cs_years):
+    """What a model that ignores the image scores: the training mean age (CS@n), the most common
+    training age (exact accuracy) and the most common training age bin (bin accuracy)."""
+    age_true, train_ages = np.asarray(age_true), np.asarray(train_ages)
+    mode_age = np.bincount(np.clip(train_ages.astype(int), 0, AGES[-1]), minlength=len(AGES)).argmax()
+    mode_bin = np.bincount(age_bin(train_ages, edges), minlength=len(edges)).argmax()
+    return {
+        f"mean_baseline_cs{cs_years}": float((np.abs(age_true - train_ages.mean()) <= cs_years).mean()),
+        "mode_baseline_exact": float((age_true == mode_age).mean()),
+        "majority_bin_baseline": float((age_bin(age_true, edges) == mode_bin).mean()),
+    }
+
+
+def per_age_bin(age_true, age_probs, edges):
+    """One row per age bin of the true age: images, MAE of the expected age, bin accuracy."""
+    import pandas as pd
+
+    age_true = np.asarray(age_true)
+    error = np.abs(age_probs @ AGES - age_true)
+    true_bin = age_bin(age_true, edges)
+    hit = bin_probabilities(age_probs, edges).argmax(axis=1) == true_bin
+    rows = []
+    for index, label in enumerate(bin_labels(edges)):
+        members = true_bin == index
+        count = int(members.sum())
+        rows.append({"bin": label, "count": count,
+                     "mae": float(error[members].mean()) if count else float("nan"),
+                     "bin_accuracy": float(hit[members].mean()) if count else float("nan")})
+    return pd.DataFrame(rows, columns=["bin", "count", "mae", "bin_accuracy"])
+
+
+def per_gender(gender_true, gender_probs, names=("female", "male")):
+    """One row per true gender: images and accuracy."""
+    import pandas as pd
+
+    gender_true = np.asarray(gender_true)
+    hit = gender_probs.argmax(axis=1) == gender_true
+    rows = []
+    for index, name in enumerate(names):
+        members = gender_true == index
+        count = int(members.sum())
+        rows.append({"gender": name, "count": count, "accuracy": float(hit[members].mean()) if count else float("nan")})
+    return pd.DataFrame(rows, columns=["gender", "count", "accuracy"])

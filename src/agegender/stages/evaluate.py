@@ -1,4 +1,5 @@
-"""Stage evaluate: the test split, reported as the reference design and the peers report."""
+"""Stage evaluate: the test split, reported as the reference design and the peers report,
+with figures (PNG) and a one-page report (metrics/report.md)."""
 import os
 from pathlib import Path
 
@@ -7,19 +8,25 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pandas as pd
 
+from agegender import plots
 from agegender.data import image_dataset
 from agegender.errors import exits_cleanly
-from agegender.files import write_csv, write_json
-from agegender.metrics import age_bin, age_metrics, bin_labels, bin_probabilities, gender_metrics, mean_age_baseline
+from agegender.files import replace_atomically, write_csv, write_json
+from agegender.metrics import (age_bin, age_metrics, bin_labels, bin_probabilities, constant_age_baselines,
+                               gender_metrics, mean_age_baseline, per_age_bin, per_gender)
 from agegender.model import load_model
 from agegender.params import load_params
+from agegender.report import build_report
 from agegender.tracking import stage_run
 
 SPLIT_DIR = Path("data/split")
 IMAGE_DIR = Path("data/crops/images")
 MODEL = Path("models/model.keras")
+HISTORY = Path("metrics/train_history.csv")
 METRICS = Path("metrics/evaluate.json")
 PREDICTIONS = Path("metrics/predictions.csv")
+REPORT = Path("metrics/report.md")
+FIGURES = Path("metrics/figures")
 GENDERS = np.array(["female", "male"])
 
 
@@ -31,6 +38,7 @@ def predictions_table(test, outputs, edges):
         "full_path": test["full_path"].to_numpy(),
         "gender_true": GENDERS[test["gender"].to_numpy()],
         "gender_pred": GENDERS[outputs["gender"].argmax(axis=1)],
+        "gender_confidence": np.round(outputs["gender"].max(axis=1), 4),
         "age_true": test["age"].to_numpy(),
         "age_pred": np.round(expected_age, 2),
         "age_bin_true": labels[age_bin(test["age"].to_numpy(), edges)],
@@ -38,31 +46,65 @@ def predictions_table(test, outputs, edges):
     })
 
 
+def write_figures(predictions, by_bin, history, edges):
+    """The PNG figures, by title; each a pure function of a table."""
+    labels = bin_labels(edges)
+    return {
+        "Gender confusion": plots.confusion_png(predictions, "gender_true", "gender_pred", GENDERS,
+                                                FIGURES / "gender_confusion.png", "Gender"),
+        "Age-bin confusion": plots.confusion_png(predictions, "age_bin_true", "age_bin_pred", labels,
+                                                 FIGURES / "age_bin_confusion.png", "Age bin"),
+        "Predicted vs true age": plots.age_scatter_png(predictions, FIGURES / "age_scatter.png"),
+        "MAE per age bin": plots.bin_mae_png(by_bin, FIGURES / "age_bin_mae.png"),
+        "Training curves": plots.training_curves_png(history, FIGURES / "training_curves.png"),
+    }
+
+
+def rounded(metrics):
+    return {key: {k: round(v, 6) for k, v in value.items()} if isinstance(value, dict) else value
+            for key, value in metrics.items()}
+
+
 @exits_cleanly
 def main():
     params = load_params()
     section = params["evaluate"]
-    edges = section["age_bins"]
+    edges, cs_years = section["age_bins"], section["cs_years"]
     train = pd.read_csv(SPLIT_DIR / "train.csv", keep_default_na=False, na_values=[""])
     test = pd.read_csv(SPLIT_DIR / "test.csv", keep_default_na=False, na_values=[""])
     model = load_model(MODEL)
     outputs = model.predict(image_dataset(test, IMAGE_DIR, model.input_shape[1], section["batch_size"]), verbose=0)
     outputs = {task: np.asarray(values, dtype=np.float64) for task, values in outputs.items()}
-    age = age_metrics(test["age"], outputs["age"], edges, section["cs_years"])
+
+    age = age_metrics(test["age"], outputs["age"], edges, cs_years)
     age["mean_baseline_mae"] = mean_age_baseline(test["age"], train["age"].mean())
-    metrics = {
+    age.update(constant_age_baselines(test["age"], train["age"], edges, cs_years))
+    metrics = rounded({
         "test_images": len(test),
         "gender": gender_metrics(test["gender"], outputs["gender"], train["gender"].mean()),
         "age": age,
-    }
-    metrics = {key: {k: round(v, 6) for k, v in value.items()} if isinstance(value, dict) else value for key, value in metrics.items()}
+    })
+    predictions = predictions_table(test, outputs, edges)
+    by_bin = per_age_bin(test["age"], outputs["age"], edges)
+    by_gender = per_gender(test["gender"], outputs["gender"], GENDERS)
+    history = pd.read_csv(HISTORY) if HISTORY.exists() else pd.DataFrame()
+    figures = write_figures(predictions, by_bin, history, edges)
+    links = {title: path.relative_to(REPORT.parent).as_posix() for title, path in figures.items()}
+    report = build_report(metrics, predictions, by_bin, by_gender, links, cs_years)
+
     write_json(METRICS, metrics)
-    write_csv(PREDICTIONS, predictions_table(test, outputs, edges))
+    write_csv(PREDICTIONS, predictions)
+    replace_atomically(REPORT, lambda tmp: tmp.write_text(report, encoding="utf8"))
     with stage_run("evaluate", section, params["mlflow"]["experiment"]) as run:
         run.log_metrics(metrics)
         run.log_artifact(PREDICTIONS)
-    print(f"evaluate: gender accuracy {metrics['gender']['accuracy']:.4f} (majority {metrics['gender']['majority_baseline']:.4f}), "
-          f"age MAE {age['mae']:.2f} (mean baseline {age['mean_baseline_mae']:.2f}), exact {age['exact_accuracy']:.4f}")
+        run.log_artifact(REPORT)
+        for path in figures.values():
+            run.log_artifact(path, artifact_path="figures")
+    gender = metrics["gender"]
+    print(f"evaluate: gender accuracy {gender['accuracy']:.4f} (majority {gender['majority_baseline']:.4f}), "
+          f"age MAE {age['mae']:.2f} (mean baseline {age['mean_baseline_mae']:.2f}), "
+          f"exact {age['exact_accuracy']:.4f}; report in {REPORT}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+"""metrics/report.md: the evaluation in one page, from the metrics dict and the predictions table.
+
+Deterministic (no dates, fixed number formats, ties broken by path), so that DVC sees an
+unchanged report as unchanged and `git diff` shows only what moved.
+"""
+import numpy as np
+
+# The reference design's test figures (17,186 random-split IMDB-WIKI test images).
+REFERENCE = {"gender_accuracy": 0.9143, "exact_accuracy": 0.09}
+WORST = 10
+
+
+def percent(value):
+    return "–" if value is None or np.isnan(value) else f"{value:.2%}"
+
+
+def number(value, digits=2):
+    return "–" if value is None or np.isnan(value) else f"{value:.{digits}f}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return lines
+
+
+def headline(metrics, cs_years):
+    gender, age = metrics["gender"], metrics["age"]
+    cs = f"cs{cs_years}"
+    rows = [
+        ("Gender accuracy", percent(gender["accuracy"]),
+         f"{percent(gender['majority_baseline'])} (always the majority gender of training)",
+         percent(REFERENCE["gender_accuracy"])),
+        ("Exact age accuracy (101 classes)", percent(age["exact_accuracy"]),
+         f"{percent(age.get('mode_baseline_exact'))} (always the most common training age)",
+         f"more than {REFERENCE['exact_accuracy']:.0%}"),
+        ("Age MAE, expected value (years)", number(age["mae"]),
+         f"{number(age.get('mean_baseline_mae'))} (always the training mean age)", "–"),
+        (f"Age CS@{cs_years} (share within {cs_years} years)", percent(age.get(cs)),
+         f"{percent(age.get(f'mean_baseline_{cs}'))} (always the training mean age)", "–"),
+        ("Age-bin accuracy", percent(age["bin_accuracy"]),
+         f"{percent(age.get('majority_bin_baseline'))} (always the most common training bin)", "–"),
+        ("Age bin within one bin", percent(age["bin_within_one"]), "–", "–"),
+    ]
+    return table(("figure", "this model", "baseline", "reference design"), rows)
+
+
+def worst_age(predictions, count=WORST):
+    """The `count` images with the largest age error, largest first, ties by path."""
+    ranked = predictions.assign(error=(predictions["age_pred"] - predictions["age_true"]).abs())
+    return ranked.sort_values(["error", "full_path"], ascending=[False, True], kind="mergesort").head(count)
+
+
+def worst_gender(predictions, count=WORST):
+    """Wrong gender predictions the model was surest of, surest first, ties by path."""
+    wrong = predictions[predictions["gender_pred"] != predictions["gender_true"]]
+    return wrong.sort_values(["gender_confidence", "full_path"], ascending=[False, True], kind="mergesort").head(count)
+
+
+def build_report(metrics, predictions, by_bin, by_gender, figures, cs_years=5):
+    """Markdown text. `by_bin`/`by_gender`: the tables of metrics.per_age_bin/per_gender;
+    `figures`: {title: path relative to the report}."""
+    lines = ["# Evaluation report", "",
+             f"Test split: {metrics['test_images']} images, split by identity (no person is in both "
+             "training and test). The reference design split 17,186 test images at random, which lets "
+             "one person's photos land on both sides; its figures are not directly comparable.", "",
+             "## Headline", ""]
+    lines += headline(metrics, cs_years)
+    lines += ["", "Age is the expected value over the 101 age outputs (DEX); exact accuracy takes the most "
+              "probable age; bins sum the probabilities within each bin.", "", "## Per age bin", ""]
+    lines += table(("true age bin", "images", "MAE (years)", "bin accuracy"),
+                   [(row.bin, row.count, number(row.mae), percent(row.bin_accuracy)) for row in by_bin.itertuples()])
+    lines += ["", "## Per gender", ""]
+    lines += table(("true gender", "images", "accuracy"),
+                   [(row.gender, row.count, percent(row.accuracy)) for row in by_gender.itertuples()])
+    lines += ["", f"## Largest age errors ({WORST} worst)", ""]
+    lines += ["Images under `data/crops/images/`.", ""]
+    lines += table(("image", "true age", "predicted age", "error"),
+                   [(f"`{row.full_path}`", row.age_true, number(row.age_pred), number(row.error))
+                    for row in worst_age(predictions).itertuples()])
+    lines += ["", f"## Most confident gender errors ({WORST} worst)", ""]
+    errors = worst_gender(predictions)
+    if len(errors):
+        lines += table(("image", "true gender", "predicted gender", "confidence"),
+                       [(f"`{row.full_path}`", row.gender_true, row.gender_pred, percent(row.gender_confidence))
+                        for row in errors.itertuples()])
+    else:
+        lines.append("No gender errors.")
+    lines += ["", "## Figures", ""]
+    for title, path in figures.items():
+        lines += [f"- [{title}]({path})"]
+    lines.append("")
+    for title, path in figures.items():
+        lines += [f"![{title}]({path})", ""]
+    return "\n".join(lines)

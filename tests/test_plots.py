@@ -1,0 +1,204 @@
+"""agegender.plots: PNG figures of a fixed size from tiny tables; the offline template of
+`dvc plots show`, rendered in a scratch git copy and drawn in a headless Chromium."""
+import re
+import shutil
+import struct
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import REPO, commit, run
+
+from agegender import plots
+from agegender.metrics import bin_labels, per_age_bin
+
+EDGES = [0, 10, 20, 30, 40, 50, 60]
+LABELS = bin_labels(EDGES)
+
+
+def png_size(path):
+    """(width, height) from the PNG header."""
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+def predictions(count=40, seed=0):
+    rng = np.random.default_rng(seed)
+    age_true = rng.integers(0, 100, count)
+    age_pred = np.clip(age_true + rng.normal(0, 8, count), 0, 100).round(2)
+    bins = np.array(LABELS)
+    return pd.DataFrame({
+        "full_path": [f"{i:02d}/{i}.jpg" for i in range(count)],
+        "gender_true": rng.choice(["female", "male"], count),
+        "gender_pred": rng.choice(["female", "male"], count),
+        "gender_confidence": rng.uniform(0.5, 1, count).round(4),
+        "age_true": age_true,
+        "age_pred": age_pred,
+        "age_bin_true": bins[np.searchsorted(EDGES, age_true, side="right") - 1],
+        "age_bin_pred": bins[np.searchsorted(EDGES, age_pred, side="right") - 1],
+    })
+
+
+def history(epochs=4):
+    epoch = np.arange(epochs)
+    return pd.DataFrame({"epoch": epoch, "loss": 5 - 0.1 * epoch, "val_loss": 5.1 - 0.05 * epoch,
+                         "gender_accuracy": 0.7 + 0.02 * epoch, "val_gender_accuracy": 0.7 + 0.01 * epoch,
+                         "age_accuracy": 0.02 + 0.01 * epoch, "val_age_accuracy": 0.02 + 0.005 * epoch,
+                         "phase": ["head"] * epochs})
+
+
+def by_bin(table):
+    probs = np.zeros((len(table), 101))
+    probs[np.arange(len(table)), np.round(table["age_pred"]).astype(int)] = 1
+    return per_age_bin(table["age_true"], probs, EDGES)
+
+
+def figures(folder, table, curves):
+    """Every figure the evaluate stage draws, by file name."""
+    folder = Path(folder)
+    return {
+        "gender_confusion.png": plots.confusion_png(table, "gender_true", "gender_pred", ["female", "male"],
+                                                    folder / "gender_confusion.png", "Gender"),
+        "age_bin_confusion.png": plots.confusion_png(table, "age_bin_true", "age_bin_pred", LABELS,
+                                                     folder / "age_bin_confusion.png", "Age bin"),
+        "age_scatter.png": plots.age_scatter_png(table, folder / "age_scatter.png"),
+        "age_bin_mae.png": plots.bin_mae_png(by_bin(table), folder / "age_bin_mae.png"),
+        "training_curves.png": plots.training_curves_png(curves, folder / "training_curves.png"),
+    }
+
+
+def test_each_figure_is_a_png_of_its_size(tmp_path):
+    written = figures(tmp_path / "figures", predictions(), history())
+    for name, path in written.items():
+        assert path.stat().st_size > 5000, name
+        expected = plots.CURVES_SIZE if name == "training_curves.png" else plots.SIZE
+        assert png_size(path) == expected, name
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(written)  # no temporary files left
+
+
+def test_figures_are_deterministic(tmp_path):
+    first = figures(tmp_path / "a", predictions(), history())
+    second = figures(tmp_path / "b", predictions(), history())
+    for name in first:
+        assert first[name].read_bytes() == second[name].read_bytes(), name
+    assert b"Matplotlib version" not in first["age_scatter.png"].read_bytes()
+
+
+def test_edge_cases_still_draw(tmp_path):
+    one = predictions(count=1)
+    figures(tmp_path, one, history(epochs=1))
+    empty_bins = by_bin(one)
+    assert empty_bins["count"].sum() == 1 and empty_bins["mae"].isna().sum() == len(EDGES) - 1
+    assert png_size(plots.bin_mae_png(empty_bins, tmp_path / "mae.png")) == plots.SIZE
+    assert png_size(plots.training_curves_png(pd.DataFrame(), tmp_path / "none.png")) == plots.CURVES_SIZE
+
+
+def test_confusion_counts_every_pair():
+    table = pd.DataFrame({"t": ["a", "a", "b"], "p": ["a", "b", "b"]})
+    with tempfile.TemporaryDirectory() as folder:
+        assert png_size(plots.confusion_png(table, "t", "p", ["a", "b"], Path(folder) / "c.png", "x")) == plots.SIZE
+    with pytest.raises(KeyError):
+        plots.confusion_png(table, "t", "p", ["a"], Path("unused.png"), "x")
+
+
+# --- the offline template -------------------------------------------------------------------
+
+def test_template_is_built_from_the_vendored_scripts():
+    assert plots.TEMPLATE.read_text(encoding="utf8") == plots.offline_template(), \
+        "dvc_plots/template.html is stale: run `python -m agegender.plots`"
+
+
+def test_template_loads_nothing_from_the_network():
+    template = plots.TEMPLATE.read_text(encoding="utf8")
+    assert "{plot_divs}" in template and "{scripts}" not in template  # no slot for DVC's CDN <script> tags
+    assert not re.search(r"<script[^>]*\bsrc=", template)
+    assert template.count("<script>") == 3
+    assert 't.version="5.33.1"' in template  # vega
+    size = sum((plots.VENDOR_DIR / name).stat().st_size for name in plots.VENDOR_SCRIPTS)
+    assert size < 1_500_000
+
+
+def test_repository_config_points_dvc_at_the_template():
+    from dvc.repo import Repo
+
+    with Repo(str(REPO)) as repo:
+        configured = repo.config["plots"]["html_template"]
+        assert (Path(repo.dvc_dir) / configured).resolve() == plots.TEMPLATE
+
+
+# --- `dvc plots show` in a scratch git copy -------------------------------------------------
+
+def write_plot_inputs(repo, seed):
+    (repo / "metrics").mkdir(exist_ok=True)
+    table = predictions(seed=seed)
+    table.to_csv(repo / "metrics/predictions.csv", index=False)
+    history().to_csv(repo / "metrics/train_history.csv", index=False)
+    return figures(repo / "metrics/figures", table, history())
+
+
+def vega_plot_count(repo):
+    import yaml
+
+    return len(yaml.safe_load((repo / "dvc.yaml").read_text())["plots"])
+
+
+@pytest.fixture
+def shown(repo):
+    """`dvc plots show` and `dvc plots diff HEAD` over hand-written metrics in a scratch copy."""
+    repo, env = repo
+    pngs = write_plot_inputs(repo, seed=0)
+    commit(repo, env, "metrics")
+    write_plot_inputs(repo, seed=1)
+    run(["dvc", "plots", "show"], repo, env)
+    show = (repo / "dvc_plots/index.html").read_text(encoding="utf8")
+    run(["dvc", "plots", "diff", "HEAD", "-o", "diff_plots"], repo, env)
+    diff = (repo / "diff_plots/index.html").read_text(encoding="utf8")
+    return repo, pngs, {"show": show, "diff": diff}
+
+
+def test_dvc_plots_html_uses_only_local_scripts(shown):
+    repo, pngs, pages = shown
+    for name, html in pages.items():
+        assert "cdn.jsdelivr" not in html, name
+        assert not re.search(r"""<script[^>]*\bsrc\s*=""", html), name
+        assert not re.search(r"""\bsrc\s*=\s*["']https?://""", html), name
+        assert html.count("vegaEmbed(") == vega_plot_count(repo), name
+        for png in pngs:
+            assert png in html, f"{name}: image plot {png} missing"
+    # diff shows both revisions of each image side by side
+    assert pages["diff"].count("training_curves.png") >= 2
+
+
+def chromium():
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    return None
+
+
+def rendered_dom(browser, page, profile):
+    """The DOM after the page's scripts ran, and the browser's console log."""
+    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+            "--disable-background-networking", "--disable-component-update", "--disable-sync",
+            f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
+            "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
+    return result.stdout, console
+
+
+@pytest.mark.skipif(chromium() is None, reason="no chromium binary on PATH (apt-get install chromium) for the browser check")
+def test_vega_draws_every_chart_in_headless_chromium(shown, tmp_path):
+    repo, _, _ = shown
+    for page in (repo / "dvc_plots/index.html", repo / "diff_plots/index.html"):
+        dom, console = rendered_dom(chromium(), page, tmp_path / f"profile-{page.parent.name}")
+        canvases = re.findall(r'<canvas width="(\d+)" height="(\d+)"', dom) + re.findall(r'<svg[^>]*class="marks"', dom)
+        assert len(canvases) == vega_plot_count(repo), f"{page}: {len(canvases)} charts of {vega_plot_count(repo)}"
+        assert all(int(width) > 100 and int(height) > 100 for width, height in canvases), f"{page}: empty chart {canvases}"
+        problems = [line for line in console if "Uncaught" in line or "ERROR" in line]
+        assert not problems, f"{page}: {problems}"
