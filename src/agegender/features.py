@@ -12,16 +12,23 @@ import numpy as np
 from agegender.files import replace_atomically, write_json
 
 
-def save_features(directory, name, array):
-    """float16 halves the cache; fall back to float32 where values would overflow it."""
+def save_features(directory, name, array, exact=False):
+    """float16 halves the cache; float32 where values would overflow it, or where `exact`
+    (face descriptors: predict computes them in float32 and must agree with evaluate)."""
     with np.errstate(over="ignore"):
         small = array.astype(np.float16)
-    stored = small if np.isfinite(small).all() else array.astype(np.float32)
+    stored = small if np.isfinite(small).all() and not exact else array.astype(np.float32)
     replace_atomically(Path(directory) / f"{name}.npy", lambda tmp: np.save(open(tmp, "wb"), stored))
 
 
 def load_features(directory, name):
     return np.load(Path(directory) / f"{name}.npy").astype(np.float32)
+
+
+def kept_rows(table, manifest, split):
+    """The rows of a split table that have cached features (faces without landmarks are not)."""
+    skipped = set(manifest.get("skipped", {}).get(split, []))
+    return table[~table["full_path"].isin(skipped)].reset_index(drop=True)
 
 
 def write_manifest(directory, manifest):

@@ -64,3 +64,12 @@ def resize_whole(image, size):
 
 def as_array(image):
     return np.asarray(image, dtype=np.uint8)
+
+
+def reframe_crop(image, face_margin, target_margin, size):
+    """A face crop framed with `face_margin` around its face, re-cut so the face carries
+    `target_margin` like the training crops (black where the new frame leaves the image)."""
+    if abs(face_margin - target_margin) < 1e-9 and image.size == (size, size):
+        return image
+    box = face_box_in_crop(*image.size, face_margin)
+    return crop_face(image, grow_box(box, target_margin), size)

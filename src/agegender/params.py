@@ -6,7 +6,7 @@ import yaml
 from agegender.errors import PipelineError
 
 DATASETS = ("sample", "wiki_crop", "imdb_crop", "wiki", "imdb")
-BACKBONES = ("vgg16", "resnet50", "efficientnetb0", "mobilenetv3small")
+BACKBONES = ("dlib_resnet", "vgg16", "resnet50", "efficientnetb0", "mobilenetv3small")
 AGE_LOSSES = ("cross_entropy", "mean_variance", "dldl")
 AUTO_BOOL = (bool, str)  # true, false or "auto"
 CROP_METHODS = ("metadata", "mtcnn", "none")
@@ -16,7 +16,7 @@ NUMBER = (int, float)
 SCHEMA = {
     "seed": int,
     "data": {"dataset": str, "url": str},
-    "model": {"backbone": str, "weights": str},
+    "model": {"backbone": str, "weights": str, "face_models": str},
     "filter": {
         "min_face_score": NUMBER, "max_second_face_score": (float, int, type(None)),
         "min_age": int, "max_age": int, "limit": int,
@@ -36,6 +36,7 @@ SCHEMA = {
         "mixed_precision": AUTO_BOOL, "jit_compile": AUTO_BOOL, "cache_images": bool,
     },
     "evaluate": {"batch_size": int, "age_bins": list, "cs_years": int},
+    "external": {"sets": list},
     "mlflow": {"experiment": str},
 }
 
@@ -99,7 +100,14 @@ def check_values(params, path):
     require(train["lr"] > 0, "train.lr", "must be above 0")
     require(train["finetune_lr"] > 0, "train.finetune_lr", "must be above 0")
     require(train["trainable_layers"] >= 0, "train.trainable_layers", "must be 0 or more")
-    require(train["trainable_layers"] == 0 or params["model"]["backbone"] == "vgg16", "train.trainable_layers",
+    if params["model"]["backbone"] == "dlib_resnet":
+        require(train["finetune_epochs"] == 0, "train.finetune_epochs",
+                "must be 0 with model.backbone dlib_resnet: dlib's network runs outside Keras and stays frozen")
+    require(params["model"]["face_models"].strip() != "", "model.face_models",
+            "must be package (the files inside the installed face_recognition_models), a folder holding the "
+            "two dlib .dat files, or an http(s) URL of a folder holding them as .dat.bz2 (as dlib.net/files/)")
+    require(train["trainable_layers"] == 0 or params["model"]["backbone"] in ("vgg16", "dlib_resnet"),
+            "train.trainable_layers",
             "must be 0 for backbones other than vgg16 (only a chain of layers can be cut for the feature cache); "
             "use train.finetune_layers to train the end of the backbone on images")
     require(train["finetune_layers"] >= 0 and train["finetune_epochs"] >= 0, "train.finetune_layers",

@@ -160,3 +160,29 @@ def offline_template(vendor_dir=VENDOR_DIR):
 if __name__ == "__main__":
     TEMPLATE.write_text(offline_template(), encoding="utf8")
     print(f"wrote {TEMPLATE}")
+
+
+def external_slices_png(table, path, title, size=SIZE):
+    """One panel per figure of an external set's slices (gender accuracy, age MAE, age-group
+    accuracy, those the set has labels for), one bar per slice labelled with its image count, so a
+    slice the model fails stands out."""
+    panels = [(column, label) for column, label in (("gender_accuracy", "gender accuracy"), ("mae", "age MAE (years)"),
+                                                    ("group_accuracy", "age-group accuracy"))
+              if column in table.columns and table[column].notna().any()]
+    figure = _figure(size)
+    positions = np.arange(len(table))
+    for index, (column, label) in enumerate(panels):
+        axes = figure.add_subplot(len(panels), 1, index + 1)
+        values = np.nan_to_num(np.asarray(table[column], float))
+        bars = axes.bar(positions, values, color=TRAIN_COLOR if column == "mae" else VAL_COLOR)
+        axes.bar_label(bars, [f"n={count}" for count in table["count"]], fontsize=7, padding=1)
+        axes.set_xticks(positions, list(table["group"]), fontsize=8, rotation=30 if len(table) > 6 else 0)
+        axes.set_ylabel(label, fontsize=8)
+        top = max(float(values.max(initial=0)), 1.0) if column == "mae" else 1.0
+        axes.set_ylim(0, top * 1.2)
+        axes.tick_params(axis="y", labelsize=7)
+        axes.grid(axis="y", alpha=0.3)
+    if not panels:
+        figure.text(0.5, 0.5, "no labelled images", ha="center", va="center")
+    figure.suptitle(title)
+    return _save(figure, path)

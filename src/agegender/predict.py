@@ -9,7 +9,9 @@ to stdout (JSON lines, or CSV with a header); a photo that cannot be used is nam
 with its reason (missing, unreadable, too_large, no_face) and the run goes on. Exit status:
 0 when at least one face was predicted, 1 when none was, 2 for a usage error.
 
-`find_faces` and `predict_faces` are the reusable core (a server can call them directly).
+`find_faces` (here) and `agegender.inference` are the reusable core (a server can call them).
+A model trained on dlib's face-recognition network (`model.backbone: dlib_resnet`) also needs
+the dlib model files (`--weights`, default data/weights, where `dvc repro` puts them).
 """
 import argparse
 import csv
@@ -23,14 +25,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
-from agegender.errors import PipelineError, exits_cleanly
-from agegender.images import ImageSkip, as_array, crop_face, grow_box, load_rgb, resize_whole
-from agegender.metrics import AGES, bin_labels, bin_probabilities
+from agegender.errors import exits_cleanly
+from agegender.images import ImageSkip, crop_face, grow_box, load_rgb
+from agegender.inference import WEIGHTS_DIR, Predictor, predict_faces
 
 MODEL = Path("models/model.keras")
 PARAMS = Path("params.yaml")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-GENDERS = ("female", "male")  # output index 0, 1, as the dataset codes gender
 FIELDS = ["file", "face", "x1", "y1", "x2", "y2", "confidence", "gender", "gender_prob", "age", "age_bin", "age_bin_prob"]
 
 
@@ -56,35 +57,6 @@ def clip_box(box, width, height):
     x1, y1, x2, y2 = box
     return (int(round(min(max(x1, 0), width))), int(round(min(max(y1, 0), height))),
             int(round(min(max(x2, 0), width))), int(round(min(max(y2, 0), height))))
-
-
-def predict_faces(model, crops, bins, batch_size=32):
-    """Gender and age of face crops (PIL images, resized here to the model's input size):
-    one dict per crop with gender, gender_prob, age (DEX expected value), age_bin, age_bin_prob."""
-    if not crops:
-        return []
-    size = model.input_shape[1]
-    pixels = np.stack([as_array(crop if crop.size == (size, size) else resize_whole(crop, size)) for crop in crops])
-    gender, age = [], []
-    for start in range(0, len(pixels), batch_size):
-        outputs = model.predict_on_batch(pixels[start:start + batch_size].astype(np.float32))
-        gender.append(np.asarray(outputs["gender"], dtype=np.float64))
-        age.append(np.asarray(outputs["age"], dtype=np.float64))
-    gender, age = np.concatenate(gender), np.concatenate(age)
-    labels = bin_labels(bins)
-    bin_probs = bin_probabilities(age, bins)
-    results = []
-    for g, a, b in zip(gender, age, bin_probs):
-        male = int(g.argmax())
-        best_bin = int(b.argmax())
-        results.append({
-            "gender": GENDERS[male],
-            "gender_prob": round(float(g[male]), 4),
-            "age": round(float(a @ AGES), 1),
-            "age_bin": labels[best_bin],
-            "age_bin_prob": round(float(b[best_bin]), 4),
-        })
-    return results
 
 
 def image_files(paths):
@@ -159,6 +131,8 @@ def parse_args(argv):
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output on stdout (default jsonl)")
     parser.add_argument("--annotate", type=Path, metavar="DIR", help="write each photo with boxes and labels drawn into DIR")
     parser.add_argument("--batch-size", type=positive, default=32, help="faces per model call (default 32)")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR,
+                        help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS_DIR})")
     parser.add_argument("--params", type=Path, default=PARAMS,
                         help="params.yaml giving crop.margin, crop.size and evaluate.age_bins (default params.yaml)")
     return parser.parse_args(argv)
@@ -171,21 +145,6 @@ def positive(text):
     return value
 
 
-def open_model(path):
-    from agegender.model import load_model
-
-    if not Path(path).is_file():
-        raise PipelineError(
-            f"model file {path} not found. Train one with `dvc repro train` (it writes {MODEL}), "
-            f"or pass --model with the path of a saved .keras model.")
-    try:
-        return load_model(path)
-    except (ValueError, OSError, TypeError) as error:  # TypeError: saved by older code (an unknown loss)
-        reason = str(error).strip().splitlines()[-1]
-        raise PipelineError(f"{path} could not be loaded as a Keras model ({reason}). It may come from an older "
-                            f"version of the training code: rebuild it with `dvc repro train`, or pass another --model.") from None
-
-
 @exits_cleanly
 def main(argv=None):
     args = parse_args(argv)
@@ -193,7 +152,8 @@ def main(argv=None):
 
     params = load_params(args.params)
     margin, size, bins = params["crop"]["margin"], params["crop"]["size"], params["evaluate"]["age_bins"]
-    model = open_model(args.model)
+    hint = f"train one with `dvc repro train` (it writes {MODEL}), or pass --model with the path of a saved .keras model"
+    predictor = Predictor.load(args.model, args.weights, face_margin=margin, hint=hint)
     files = image_files(args.paths)
     writer = Writer(args.format, sys.stdout)
 
@@ -210,14 +170,18 @@ def main(argv=None):
 
     def flush():
         crops = [face.crop for *_, faces in pending for face in faces]
-        results = iter(predict_faces(model, crops, bins, args.batch_size))
+        results = iter(predict_faces(predictor, crops, bins, args.batch_size))
         for file, name, image, faces in pending:
             own = [next(results) for _ in faces]
             for index, (face, result) in enumerate(zip(faces, own)):
+                if result is None:
+                    report(f"{file} face {index}", "no_landmarks")
+                    continue
                 writer.write(file, index, face, result)
+            faces, own = zip(*[(f, r) for f, r in zip(faces, own) if r is not None]) if any(own) else ((), ())
             counts["photos"] += 1
             counts["faces"] += len(faces)
-            if image is not None:
+            if image is not None and faces:
                 try:
                     save_annotated(annotate(image, faces, own), args.annotate / name)
                 except (OSError, ValueError, KeyError) as error:

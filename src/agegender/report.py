@@ -93,3 +93,61 @@ def build_report(metrics, predictions, by_bin, by_gender, figures, cs_years=5):
     for title, path in figures.items():
         lines += [f"![{title}]({path})", ""]
     return "\n".join(lines)
+
+
+def _cs_key(row):
+    return next((key for key in row if key.startswith("cs") and key[2:].isdigit()), "cs5")
+
+
+def _slice_rows(by_slice, cs, with_groups):
+    header = ["images", "gender accuracy", "age MAE (years)", f"CS@{cs[2:]}"]
+    header += ["age-group accuracy"] if with_groups else []
+    rows = [[row["count"], percent(row["gender_accuracy"]), number(row["mae"]), percent(row[cs])]
+            + ([percent(row.get("group_accuracy"))] if with_groups else []) for row in by_slice.values()]
+    return header, [[f"{name}", *row] for name, row in zip(by_slice, rows)]
+
+
+def external_section(metrics_by_set, figure_links):
+    """Markdown for the evaluate_external stage: per set its counts, a headline against the set's own
+    majority gender, and the figures by gender, age bin and ethnicity. `metrics_by_set`: {name: the
+    set's metrics}; `figure_links`: {name: {title: path relative to the report}}."""
+    if not metrics_by_set:
+        return ("No external sets are configured. To score the model on another labelled face set, add an entry "
+                "to `external.sets` in params.yaml, e.g. `{name: utkface, format: utkface, path: "
+                "../shared/data/utkface/images}`, and run `dvc repro evaluate_external` (README: External "
+                "evaluation).\n")
+    lines = []
+    for name, metrics in metrics_by_set.items():
+        gender, age, group = metrics["gender"], metrics["age"], metrics.get("age_group")
+        cs = _cs_key(next(iter(metrics["by_gender"].values())))
+        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(metrics["skipped"].items())) or "none"
+        lines += [f"## External set: {name}", "",
+                  f"{metrics['format']} set `{metrics['path']}` (face margin {metrics['face_margin']:g}, re-framed "
+                  f"like the training crops): {metrics['images']} images, "
+                  f"{metrics['scored']} scored; skipped: {skipped}; labels not parsed: "
+                  f"{metrics['unparseable']['count']}."]
+        if metrics["unparseable"]["first"]:
+            lines += ["", "Not parsed (first ones): " + "; ".join(f"`{bad}`" for bad in metrics["unparseable"]["first"])
+                      + "."]
+        rows = [("Gender accuracy", percent(gender["accuracy"]),
+                 f"{percent(gender['majority_baseline'])} (always the set's majority gender, {gender['majority']})")]
+        if age["count"]:
+            rows += [("Age MAE, expected value (years)", number(age["mae"]), "–"),
+                     (f"Age CS@{cs[2:]} (share within {cs[2:]} years)", percent(age[cs]), "–"),
+                     ("Age-bin accuracy", percent(age["bin_accuracy"]), "–")]
+        if group:
+            rows.append(("Age-group accuracy (expected age inside the labelled group)", percent(group["accuracy"]),
+                         "–"))
+        lines += ["", *table(("figure", "this model", "baseline"), rows)]
+        for title, key in (("By gender", "by_gender"), ("By age bin", "by_age_bin"), ("By ethnicity", "by_ethnicity")):
+            if key in metrics:
+                header, body = _slice_rows(metrics[key], cs, group is not None)
+                lines += ["", f"### {title}", "", *table((title[3:], *header), body)]
+        links = figure_links.get(name, {})
+        if links:
+            lines += ["", "### Figures", ""]
+            for title, path in links.items():
+                lines += [f"![{title}]({path})", ""]
+        else:
+            lines.append("")
+    return "\n".join(lines)

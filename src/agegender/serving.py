@@ -3,8 +3,11 @@
 One request row is one face crop, base64-encoded JPEG or PNG bytes in the column `image`;
 the answer row holds the fields the predict command prints: gender, gender_prob, age (DEX
 expected value over the 101 outputs), age_bin and age_bin_prob. Faces are not detected here:
-each image is taken as an already cropped face and resized to the model's input size
-(`python -m agegender.predict` finds faces in whole photos).
+each image is taken as an already cropped face, framed as the crop stage frames them (the face
+box plus `crop.margin` on each side), and goes through the same inference core as predict
+(`python -m agegender.predict` finds faces in whole photos). A dlib_resnet model carries the
+dlib model files as an artifact, so the served model takes crops, not descriptors; a face
+whose landmarks can't be found gets an answer row of nulls.
 """
 import base64
 import binascii
@@ -20,7 +23,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, Schema
 
 from agegender.images import ImageSkip, load_rgb
-from agegender.predict import predict_faces
+from agegender.inference import Predictor, predict_faces, takes_descriptors
 
 OUTPUT_COLUMNS = ["gender", "gender_prob", "age", "age_bin", "age_bin_prob"]
 SIGNATURE = ModelSignature(
@@ -30,8 +33,10 @@ SIGNATURE = ModelSignature(
 )
 # What the served model needs, pinned as requirements.txt pins it.
 PIP_REQUIREMENTS = ["tensorflow==2.21.0", "keras==3.15.1", "numpy==2.4.6", "pandas==3.1.1", "pillow==13.0.0"]
+FACE_REQUIREMENTS = ["dlib-bin==20.0.1.post1"]  # the dlib files travel as an artifact, not as a package
 PACKAGE_DIR = Path(__file__).resolve().parent
 ARTIFACT = "keras_model"
+FACE_MODELS = "face_models"
 
 
 def float32_model(model):
@@ -81,15 +86,22 @@ def decode_image(text, row):
 class AgeGenderModel(mlflow.pyfunc.PythonModel):
     """Gender and age of face crops sent as base64 images (column `image`, one face per row)."""
 
-    def __init__(self, age_bins, batch_size=32):
+    def __init__(self, age_bins, batch_size=32, face_margin=0.4):
         self.age_bins = [int(edge) for edge in age_bins]
         self.batch_size = int(batch_size)
+        self.face_margin = float(face_margin)
         self.model = None
 
     def load_context(self, context):
         from agegender.model import load_model
 
-        self.model = float32_model(load_model(context.artifacts[ARTIFACT]))
+        model = float32_model(load_model(context.artifacts[ARTIFACT]))
+        encoder = None
+        if takes_descriptors(model):
+            from agegender.face_descriptor import FaceEncoder
+
+            encoder = FaceEncoder(context.artifacts[FACE_MODELS], self.face_margin)
+        self.model = Predictor(model, encoder)
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -97,7 +109,7 @@ class AgeGenderModel(mlflow.pyfunc.PythonModel):
             raise invalid(f"the input needs a column 'image' of base64 images; it has {list(frame.columns)}")
         crops = [decode_image(text, row) for row, text in enumerate(frame["image"])]
         answers = predict_faces(self.model, crops, self.age_bins, self.batch_size)
-        return pd.DataFrame(answers, columns=OUTPUT_COLUMNS)
+        return pd.DataFrame([answer or {} for answer in answers], columns=OUTPUT_COLUMNS)
 
     def __getstate__(self):  # the Keras model comes from the artifact, never from the pickle
         return {**self.__dict__, "model": None}
@@ -119,18 +131,25 @@ def example_input():
     return pd.DataFrame({"image": [encode_image(Image.fromarray(pixels))]})
 
 
-def log_pyfunc(keras_model_path, params, registered_name, name="pyfunc_model"):
+def log_pyfunc(keras_model_path, params, registered_name, name="pyfunc_model", face_models_dir=None):
     """Log the Keras model at `keras_model_path` as a pyfunc model in the active run (or a new
     one) and register it as a new version of `registered_name` (None: not registered).
-    `params` is the whole params.yaml; the age bins come from `evaluate.age_bins`.
+    `params` is the whole params.yaml; the age bins come from `evaluate.age_bins`, the face
+    margin of the crops from `crop`. `face_models_dir`: the dlib files, for a dlib_resnet model.
     Returns MLflow's ModelInfo (model_uri, registered_model_version)."""
+    from agegender.face_descriptor import crop_face_margin
+
+    artifacts = {ARTIFACT: str(keras_model_path)}
+    if face_models_dir is not None:
+        artifacts[FACE_MODELS] = str(face_models_dir)
     return mlflow.pyfunc.log_model(
         name=name,
-        python_model=AgeGenderModel(params["evaluate"]["age_bins"], params["evaluate"]["batch_size"]),
-        artifacts={ARTIFACT: str(keras_model_path)},
+        python_model=AgeGenderModel(params["evaluate"]["age_bins"], params["evaluate"]["batch_size"],
+                                    crop_face_margin(params["crop"])),
+        artifacts=artifacts,
         signature=SIGNATURE,
         input_example=example_input(),
-        pip_requirements=PIP_REQUIREMENTS,
+        pip_requirements=PIP_REQUIREMENTS + (FACE_REQUIREMENTS if face_models_dir is not None else []),
         code_paths=[str(PACKAGE_DIR)],
         registered_model_name=registered_name,
     )

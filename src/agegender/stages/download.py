@@ -7,6 +7,7 @@ Remote files land first in data/downloads/, a git-ignored cache that DVC never c
 deletes a stage's outputs before each run), so a re-run or an interrupted transfer does not
 fetch again what already arrived, and a file put there by hand is used as is.
 """
+import bz2
 import os
 import shutil
 import sys
@@ -15,7 +16,8 @@ from urllib.parse import urlparse
 
 from agegender.datasets import DATASETS, mat_path, weights_source
 from agegender.errors import PipelineError, exits_cleanly
-from agegender.fetch import download, extract, local_path
+from agegender.face_descriptor import MODEL_FILES, check_model_files
+from agegender.fetch import download, extract, is_remote, local_path
 from agegender.files import write_json
 from agegender.params import load_params
 from agegender.tracking import stage_run
@@ -62,12 +64,51 @@ def download_data(params):
     return metrics
 
 
+def package_models_dir():
+    """Where the installed `face_recognition_models` package keeps the dlib files."""
+    try:
+        import face_recognition_models
+    except ImportError:
+        raise PipelineError(
+            "model.face_models is 'package' but the face_recognition_models package is not installed; "
+            "run `pip install -r requirements.txt`, or set model.face_models to a folder holding "
+            f"{' and '.join(name for name, _ in MODEL_FILES.values())}.") from None
+    return Path(face_recognition_models.face_recognition_model_location()).parent
+
+
+def fetch_face_models(source):
+    """The two dlib files into data/weights/ from the package, a folder or a URL of .dat.bz2 files."""
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    for name, sha256 in MODEL_FILES.values():
+        if is_remote(source):
+            packed = download(source.rstrip("/") + f"/{name}.bz2", DOWNLOADS / f"{name}.bz2",
+                              hint="or set model.face_models to a local folder (default: package)")
+            with bz2.open(packed) as stream, open(WEIGHTS / name, "wb") as out:
+                shutil.copyfileobj(stream, out)
+            continue
+        folder = package_models_dir() if source == "package" else Path(source)
+        if not (folder / name).is_file():
+            raise PipelineError(f"model.face_models: {folder / name} not found; give a folder holding {name} "
+                                "(or use package, or a URL of a folder of .dat.bz2 files).")
+        link_or_copy(folder / name, WEIGHTS / name)
+    try:
+        check_model_files(WEIGHTS)
+    except PipelineError:
+        for name, _ in MODEL_FILES.values():
+            (WEIGHTS / name).unlink(missing_ok=True)
+        raise
+    return {name: sha256 for name, sha256 in MODEL_FILES.values()}
+
+
 def download_weights(params):
     backbone, weights = params["model"]["backbone"], params["model"]["weights"]
     logged = {"model": params["model"], "train.input_size": params["train"]["input_size"]}
     with stage_run("download_weights", logged, params["mlflow"]["experiment"]):
         info = {"backbone": backbone, "weights": weights, "file": None, "md5": None}
-        if weights == "imagenet":
+        if backbone == "dlib_resnet":
+            info = {"backbone": backbone, "face_models": params["model"]["face_models"],
+                    "files": fetch_face_models(params["model"]["face_models"])}
+        elif weights == "imagenet":
             source = weights_source(backbone, params["train"]["input_size"])
             cached = download(source["url"], DOWNLOADS / source["file"], md5=source["md5"])
             WEIGHTS.mkdir(parents=True, exist_ok=True)

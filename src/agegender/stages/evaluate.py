@@ -14,7 +14,8 @@ from agegender.errors import exits_cleanly
 from agegender.files import replace_atomically, write_csv, write_json
 from agegender.metrics import (age_bin, age_metrics, bin_labels, bin_probabilities, constant_age_baselines,
                                gender_metrics, mean_age_baseline, per_age_bin, per_gender)
-from agegender.model import load_model
+from agegender.features import kept_rows, load_features, read_manifest
+from agegender.inference import GENDERS, open_model, takes_descriptors
 from agegender.params import load_params
 from agegender.report import build_report
 from agegender.tracking import stage_run
@@ -25,9 +26,10 @@ MODEL = Path("models/model.keras")
 HISTORY = Path("metrics/train_history.csv")
 METRICS = Path("metrics/evaluate.json")
 PREDICTIONS = Path("metrics/predictions.csv")
+EXTERNAL_REPORT = Path("metrics/external_report.md")  # written by evaluate_external, which runs first
 REPORT = Path("metrics/report.md")
 FIGURES = Path("metrics/figures")
-GENDERS = np.array(["female", "male"])
+FEATURES = Path("data/features")
 
 
 def predictions_table(test, outputs, edges):
@@ -36,8 +38,8 @@ def predictions_table(test, outputs, edges):
     expected_age = outputs["age"] @ np.arange(outputs["age"].shape[1])
     return pd.DataFrame({
         "full_path": test["full_path"].to_numpy(),
-        "gender_true": GENDERS[test["gender"].to_numpy()],
-        "gender_pred": GENDERS[outputs["gender"].argmax(axis=1)],
+        "gender_true": np.array(GENDERS)[test["gender"].to_numpy()],
+        "gender_pred": np.array(GENDERS)[outputs["gender"].argmax(axis=1)],
         "gender_confidence": np.round(outputs["gender"].max(axis=1), 4),
         "age_true": test["age"].to_numpy(),
         "age_pred": np.round(expected_age, 2),
@@ -72,8 +74,14 @@ def main():
     edges, cs_years = section["age_bins"], section["cs_years"]
     train = pd.read_csv(SPLIT_DIR / "train.csv", keep_default_na=False, na_values=[""])
     test = pd.read_csv(SPLIT_DIR / "test.csv", keep_default_na=False, na_values=[""])
-    model = load_model(MODEL)
-    outputs = model.predict(image_dataset(test, IMAGE_DIR, model.input_shape[1], section["batch_size"]), verbose=0)
+    split_size = len(test)
+    model = open_model(MODEL)
+    if takes_descriptors(model):  # the features stage cached the test faces' descriptors
+        test = kept_rows(test, read_manifest(FEATURES), "test")
+        pairs = np.stack([load_features(FEATURES, "test"), load_features(FEATURES, "test_flipped")], axis=1)
+        outputs = model.predict(pairs, batch_size=section["batch_size"], verbose=0)
+    else:
+        outputs = model.predict(image_dataset(test, IMAGE_DIR, model.input_shape[1], section["batch_size"]), verbose=0)
     outputs = {task: np.asarray(values, dtype=np.float64) for task, values in outputs.items()}
 
     age = age_metrics(test["age"], outputs["age"], edges, cs_years)
@@ -81,6 +89,7 @@ def main():
     age.update(constant_age_baselines(test["age"], train["age"], edges, cs_years))
     metrics = rounded({
         "test_images": len(test),
+        "test_skipped_no_landmarks": split_size - len(test),
         "gender": gender_metrics(test["gender"], outputs["gender"], train["gender"].mean()),
         "age": age,
     })
@@ -91,6 +100,8 @@ def main():
     figures = write_figures(predictions, by_bin, history, edges)
     links = {title: path.relative_to(REPORT.parent).as_posix() for title, path in figures.items()}
     report = build_report(metrics, predictions, by_bin, by_gender, links, cs_years)
+    if EXTERNAL_REPORT.exists():
+        report += "\n" + EXTERNAL_REPORT.read_text(encoding="utf8").replace("# External evaluation", "## External evaluation", 1)
 
     write_json(METRICS, metrics)
     write_csv(PREDICTIONS, predictions)

@@ -1,5 +1,10 @@
 """Stage export: the trained model as a TensorFlow SavedModel and a TFLite file, checked against
-Keras on a few images, then registered in MLflow as a servable pyfunc model."""
+Keras on a few inputs, then registered in MLflow as a servable pyfunc model.
+
+For an image model (VGG16, ...) both files map face images to the outputs. For a dlib_resnet
+model they hold the Keras part only: a face's descriptor and its mirror image's, (N, 2, 128),
+to the outputs; dlib computes the descriptors (agegender.face_descriptor). The registered
+pyfunc model carries the dlib files too and takes face crops either way."""
 import os
 import shutil
 import warnings
@@ -13,7 +18,8 @@ import tensorflow as tf
 
 from agegender.errors import PipelineError, exits_cleanly
 from agegender.files import replace_atomically, write_json
-from agegender.model import TASKS, load_model
+from agegender.inference import WEIGHTS_DIR, open_model, takes_descriptors
+from agegender.model import TASKS
 from agegender.params import load_params
 from agegender.serving import float32_model, log_pyfunc
 from agegender.tracking import stage_run
@@ -22,22 +28,27 @@ MODEL = Path("models/model.keras")
 SAVED_MODEL = Path("models/saved_model")
 TFLITE = Path("models/model.tflite")
 METRICS = Path("metrics/export.json")
-CHECK_IMAGES = 4     # random images in [0, 255] both formats predict
+CHECK_IMAGES = 4     # random inputs (images in [0, 255], or descriptors) both formats predict
 TOLERANCE = 1e-3     # largest difference in any output probability the export may show
+
+
+def input_name(model):
+    return "descriptor_and_mirror" if takes_descriptors(model) else "image"
 
 
 def export_saved_model(model, target):
     """A SavedModel whose `serve` / `serving_default` maps `image` (N, size, size, 3) float32 RGB
-    in [0, 255] to the softmax outputs `gender` (N, 2) and `age` (N, 101).
+    in [0, 255] (or `descriptor_and_mirror` (N, 2, 128)) to the softmax outputs `gender` (N, 2)
+    and `age` (N, 101).
 
     Not `model.export()`: it calls the model without `training=False`, and Keras 3 then takes
     the `training=True` default of the RandomFlip/RandomBrightness layers for the whole model,
     so dropout and the augmentations would stay on in the export. Nor `archive.track(model)`:
     it stores every weight twice (Keras 3.15); the endpoint tracks the variables it uses."""
-    size = model.input_shape[1]
     archive = keras.export.ExportArchive()
-    archive.add_endpoint("serve", lambda image: model(image, training=False),
-                         input_signature=[tf.TensorSpec((None, size, size, 3), tf.float32, name="image")])
+    archive.add_endpoint("serve", lambda inputs: model(inputs, training=False),
+                         input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32,
+                                                        name=input_name(model))])
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -54,17 +65,21 @@ def convert_to_tflite(saved_model_dir, target):
     replace_atomically(target, lambda tmp: tmp.write_bytes(converted))
 
 
-def tflite_predict(tflite_file, images):
-    """The TFLite model's outputs, by name, for a batch of images."""
+def tflite_predict(tflite_file, images, name="image"):
+    """The TFLite model's outputs, by name, for a batch of inputs."""
     with warnings.catch_warnings():  # tf.lite.Interpreter announces its move to ai_edge_litert
         warnings.simplefilter("ignore", UserWarning)
         interpreter = tf.lite.Interpreter(model_path=str(tflite_file))
     runner = interpreter.get_signature_runner("serving_default")
-    return {name: np.asarray(values) for name, values in runner(image=images.astype(np.float32)).items()}
+    return {task: np.asarray(values) for task, values in runner(**{name: images.astype(np.float32)}).items()}
 
 
-def check_images(size, seed, count=CHECK_IMAGES):
-    return np.random.default_rng(seed).uniform(0, 255, (count, size, size, 3)).astype(np.float32)
+def check_inputs(model, seed, count=CHECK_IMAGES):
+    """Random images in [0, 255], or descriptor-sized numbers on the scale dlib's take."""
+    rng = np.random.default_rng(seed)
+    if takes_descriptors(model):
+        return rng.normal(0, 0.1, (count, *model.input_shape[1:])).astype(np.float32)
+    return rng.uniform(0, 255, (count, *model.input_shape[1:])).astype(np.float32)
 
 
 def differences(reference, other):
@@ -77,27 +92,16 @@ def size_of(path):
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-def open_model(path):
-    if not path.exists():
-        raise PipelineError(f"{path} not found; run `dvc repro train` first.")
-    try:
-        return load_model(path)
-    except (ValueError, OSError, TypeError) as error:  # TypeError: saved by older code (an unknown loss)
-        reason = str(error).strip().splitlines()[-1]
-        raise PipelineError(f"{path} could not be loaded as a Keras model ({reason}); it may come from an older "
-                            f"version of the training code: rebuild it with `dvc repro train`.") from None
-
-
 @exits_cleanly
 def main():
     params = load_params()
     seed = params["seed"]
-    original = open_model(MODEL)
+    original = open_model(MODEL, hint="run `dvc repro train` first")
     model = float32_model(original)
     export_saved_model(model, SAVED_MODEL)
     convert_to_tflite(SAVED_MODEL, TFLITE)
 
-    images = check_images(model.input_shape[1], seed)
+    images = check_inputs(model, seed)
     keras_outputs = model.predict(images, verbose=0)
     reloaded = tf.saved_model.load(str(SAVED_MODEL))  # held: its variables die with it
     saved_outputs = reloaded.serve(tf.constant(images))
@@ -105,7 +109,7 @@ def main():
         "check_images": len(images),
         "cast_to_float32": model is not original,
         "max_abs_diff": {
-            "tflite": differences(keras_outputs, tflite_predict(TFLITE, images)),
+            "tflite": differences(keras_outputs, tflite_predict(TFLITE, images, input_name(model))),
             "saved_model": differences(keras_outputs, {k: v.numpy() for k, v in saved_outputs.items()}),
         },
         "size_bytes": {"keras": size_of(MODEL), "saved_model": size_of(SAVED_MODEL), "tflite": size_of(TFLITE)},
@@ -118,14 +122,15 @@ def main():
 
     registered = f"{params['mlflow']['experiment']}-model"
     logged = {"check_images": len(images), "seed": seed, "tolerance": TOLERANCE, "age_bins": params["evaluate"]["age_bins"],
-              "input_size": model.input_shape[1], "registered_model": registered}
+              "input_shape": list(model.input_shape[1:]), "registered_model": registered}
     version = None
     with stage_run("export", logged, params["mlflow"]["experiment"]) as run:
         if run.active:
             try:  # a tracking failure never costs the user the exported files
                 run.log_metrics(metrics)
                 run.log_artifact(TFLITE, artifact_path="tflite")
-                version = log_pyfunc(MODEL, params, registered).registered_model_version
+                face_models = WEIGHTS_DIR if takes_descriptors(model) else None
+                version = log_pyfunc(MODEL, params, registered, face_models_dir=face_models).registered_model_version
             except Exception as error:
                 warnings.warn(f"MLflow logging skipped for stage 'export': {error}")
     registry = f", registered as {registered} version {version}" if version else ""

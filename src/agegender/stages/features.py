@@ -1,8 +1,11 @@
-"""Stage features: run the frozen part of the backbone once over train (and its mirror
-images when augmentation flips) and val, so head training never touches an image.
+"""Stage features: run the frozen backbone once over the splits, so head training never
+touches an image.
 
-The backbone's weights are saved beside the features: train rebuilds the network from them,
-so the frozen part it saves is exactly the one that made the cache.
+A Keras backbone (VGG16, ...): its frozen part over train (and train's mirror images when
+augmentation flips) and val; its weights are saved beside the features, so train rebuilds
+exactly the network that made the cache. dlib's face-recognition network (`dlib_resnet`): the
+128-D descriptor of every crop of train (and mirrors), val and test, so evaluate reads the
+test descriptors from here too; faces whose landmarks can't be found are counted and left out.
 """
 import os
 import time
@@ -11,6 +14,7 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
+import numpy as np
 import pandas as pd
 
 from agegender.data import image_dataset
@@ -19,7 +23,7 @@ from agegender.features import save_features, write_manifest
 from agegender.files import write_json
 from agegender.model import build_networks
 from agegender.params import load_params
-from agegender.training import base_weights, network_settings
+from agegender.training import WEIGHTS_DIR, base_weights, network_settings
 from agegender.tracking import stage_run
 
 SPLIT_DIR = Path("data/split")
@@ -28,31 +32,69 @@ OUT_DIR = Path("data/features")
 METRICS = Path("metrics/features.json")
 
 
+def read_split(name):
+    return pd.read_csv(SPLIT_DIR / f"{name}.csv", keep_default_na=False, na_values=[""])
+
+
+def keras_features(params, versions):
+    """Outputs of the frozen part of a Keras backbone; returns the manifest's extra fields."""
+    networks = build_networks(**network_settings(params), weights_file=base_weights(params["model"]["weights"]))
+    for name, flip in versions:
+        table = read_split(name.removesuffix("_flipped"))
+        batches = image_dataset(table, IMAGE_DIR, params["train"]["input_size"], 64, flip=flip)
+        save_features(OUT_DIR, name, networks.feature_extractor.predict(batches, verbose=0))
+    networks.base.save_weights(OUT_DIR / "base.weights.h5")
+    return {"shape": list(networks.feature_extractor.output.shape[1:]), "skipped": {}}
+
+
+def descriptor_features(params, versions):
+    """dlib descriptors of every split's crops, and of the test crops' mirror images, which the
+    saved model reads beside them; a face is left out of its split when it or its mirror image
+    has no landmarks, so the cached versions of a split stay row-aligned."""
+    from agegender.face_descriptor import DESCRIPTOR_SIZE, crop_face_margin, encode_files
+
+    margin, workers = crop_face_margin(params["crop"]), os.cpu_count() or 1
+    versions = versions + [("test", False), ("test_flipped", True)]
+    arrays = {}
+    for name, flip in versions:
+        table = read_split(name.removesuffix("_flipped"))
+        paths = [IMAGE_DIR / path for path in table["full_path"]]
+        arrays[name] = encode_files(paths, WEIGHTS_DIR, margin, flip=flip, workers=workers)
+    skipped = {}
+    for split in ("train", "val", "test"):
+        table = read_split(split)
+        missing = np.zeros(len(table), bool)
+        for name in (n for n, _ in versions if n.removesuffix("_flipped") == split):
+            missing |= np.isnan(arrays[name]).any(axis=1)
+        skipped[split] = table["full_path"][missing].tolist()
+        for name in (n for n, _ in versions if n.removesuffix("_flipped") == split):
+            save_features(OUT_DIR, name, arrays[name][~missing], exact=True)
+    return {"shape": [DESCRIPTOR_SIZE], "skipped": skipped, "face_margin": margin, "extra_versions": ["test", "test_flipped"]}
+
+
 @exits_cleanly
 def main():
     params = load_params()
-    section, seed = params["train"], params["seed"]
+    section, seed, backbone = params["train"], params["seed"], params["model"]["backbone"]
     keras.utils.set_random_seed(seed)
-    networks = build_networks(**network_settings(params), weights_file=base_weights(params["model"]["weights"]))
-    size = section["input_size"]
     versions = [("train", False), ("val", False)] + ([("train_flipped", True)] if section["augment"]["flip"] else [])
-    started, images = time.perf_counter(), 0
-    for name, flip in versions:
-        table = pd.read_csv(SPLIT_DIR / f"{name.removesuffix('_flipped')}.csv", keep_default_na=False, na_values=[""])
-        batches = image_dataset(table, IMAGE_DIR, size, 64, flip=flip)
-        save_features(OUT_DIR, name, networks.feature_extractor.predict(batches, verbose=0))
-        images += len(table)
+    started = time.perf_counter()
+    made = (descriptor_features if backbone == "dlib_resnet" else keras_features)(params, versions)
     seconds = time.perf_counter() - started
-    networks.base.save_weights(OUT_DIR / "base.weights.h5")
-    shape = list(networks.feature_extractor.output.shape[1:])
-    write_manifest(OUT_DIR, {"versions": [name for name, _ in versions], "shape": shape,
-                             "backbone": params["model"]["backbone"], "trainable_layers": section["trainable_layers"]})
-    metrics = {"images": images, "images_per_second": round(images / seconds, 2), "feature_size": int(pd.Series(shape).prod())}
+    names = [name for name, _ in versions] + made.pop("extra_versions", [])
+    images = sum(len(read_split(name.removesuffix("_flipped"))) for name in names)
+    write_manifest(OUT_DIR, {"versions": names, "backbone": backbone, "trainable_layers": section["trainable_layers"],
+                             **made})
+    metrics = {"images": images, "images_per_second": round(images / seconds, 2),
+               "feature_size": int(np.prod(made["shape"])),
+               "no_landmarks": {split: len(paths) for split, paths in made["skipped"].items()}}
     write_json(METRICS, metrics)
-    with stage_run("features", {**params["model"], "input_size": size, "trainable_layers": section["trainable_layers"],
-                                "flip": section["augment"]["flip"], "seed": seed}, params["mlflow"]["experiment"]) as run:
+    logged = {**params["model"], "input_size": section["input_size"], "trainable_layers": section["trainable_layers"],
+              "flip": section["augment"]["flip"], "seed": seed}
+    with stage_run("features", logged, params["mlflow"]["experiment"]) as run:
         run.log_metrics(metrics)
-    print(f"features: {images} images through the frozen {params['model']['backbone']} -> {shape}, {metrics['images_per_second']} images/s")
+    print(f"features: {images} images through the frozen {backbone} -> {made['shape']}, "
+          f"{metrics['images_per_second']} images/s; no landmarks: {metrics['no_landmarks']}")
 
 
 if __name__ == "__main__":

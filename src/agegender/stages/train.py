@@ -16,7 +16,8 @@ import pandas as pd
 from agegender import devices
 from agegender.data import image_dataset, labels_of
 from agegender.errors import exits_cleanly
-from agegender.features import EpochSync, FeatureBatches, gender_class_weights, gender_sample_weights, load_features, read_manifest
+from agegender.features import (EpochSync, FeatureBatches, gender_class_weights, gender_sample_weights, kept_rows,
+                                load_features, read_manifest)
 from agegender.files import write_csv, write_json
 from agegender.model import TASKS, build_networks, set_trainable_tail
 from agegender.params import load_params
@@ -43,7 +44,10 @@ def train_head(networks, section, seed, train, val, setup, callbacks, first_epoc
     weights = {"gender": gender_sample_weights(train["gender"], section["gender_weighting"]),
                "age": np.ones(len(train), dtype=np.float32)}
     batch = section["batch_size"] * setup["replicas"]
-    batches = FeatureBatches(load_features(FEATURES, "train"), one_hot(train), weights, batch, seed, flipped, first_epoch)
+    features = load_features(FEATURES, "train")
+    if networks.normalizer is not None:
+        networks.normalizer.adapt(features)
+    batches = FeatureBatches(features, one_hot(train), weights, batch, seed, flipped, first_epoch)
     lr = section["lr"] * setup["replicas"]
     with setup["strategy"].scope():
         compile_for_training(networks.head_model, section, lr, len(batches), section["epochs"], setup["jit_compile"])
@@ -72,10 +76,13 @@ def main():
     section, seed = params["train"], params["seed"]
     setup = devices.configure(section["mixed_precision"], section["jit_compile"], deterministic=True)
     keras.utils.set_random_seed(seed)
-    train, val = (pd.read_csv(SPLIT_DIR / f"{name}.csv", keep_default_na=False, na_values=[""]) for name in ("train", "val"))
+    manifest = read_manifest(FEATURES)
+    train, val = (kept_rows(pd.read_csv(SPLIT_DIR / f"{name}.csv", keep_default_na=False, na_values=[""]), manifest, name)
+                  for name in ("train", "val"))
     with setup["strategy"].scope():
         networks = build_networks(**network_settings(params))
-        networks.base.load_weights(FEATURES / "base.weights.h5")
+        if networks.base is not None:
+            networks.base.load_weights(FEATURES / "base.weights.h5")
     root = Path(".") if setup["chief"] else Path(tempfile.mkdtemp(prefix="agegender-worker-"))
     backup = root / BACKUP
     logged = {**section, **params["model"], "seed": seed, **{k: v for k, v in setup.items() if k != "strategy"}}
