@@ -1,4 +1,5 @@
 """The download stage end to end on tiny archives, served over HTTP on loopback."""
+import bz2
 import io
 import json
 import os
@@ -13,6 +14,7 @@ from conftest import REPO
 
 from agegender import datasets
 from agegender.errors import PipelineError
+from agegender.face_descriptor import MODEL_FILES
 from agegender.fetch import md5_of
 from agegender.params import BACKBONES
 from agegender.stages.download import download_data, download_weights
@@ -57,7 +59,7 @@ def test_archive_of_another_dataset_is_an_error(project, tmp_path):
 
 
 def test_weights_with_wrong_md5_in_cache_is_an_error(project):
-    params = project(model={"weights": "imagenet"})
+    params = project(model={"weights": "imagenet", "backbone": "vgg16"})
     name = datasets.weights_source("vgg16", params["train"]["input_size"])["file"]
     Path("data/downloads").mkdir(parents=True)
     Path("data/downloads", name).write_bytes(b"not the weights")
@@ -66,7 +68,7 @@ def test_weights_with_wrong_md5_in_cache_is_an_error(project):
 
 
 def test_imagenet_weights_over_http(project, server, monkeypatch):
-    params = project(model={"weights": "imagenet"}, train={"input_size": 224})
+    params = project(model={"weights": "imagenet", "backbone": "vgg16"}, train={"input_size": 224})
     source = datasets.WEIGHTS["vgg16"]["top"]
     name = source["url"].rsplit("/", 1)[-1]
     server.files["/" + name] = b"fake h5 weights"
@@ -80,7 +82,7 @@ def test_imagenet_weights_over_http(project, server, monkeypatch):
 
 
 def test_no_weights_writes_only_the_json(project):
-    download_weights(project(model={"weights": "none"}))
+    download_weights(project(model={"weights": "none", "backbone": "vgg16"}))
     assert [p.name for p in Path("data/weights").iterdir()] == ["weights.json"]
     info = json.loads(Path("data/weights/weights.json").read_text())
     assert info == {"backbone": "vgg16", "weights": "none", "file": None, "md5": None}
@@ -128,7 +130,7 @@ def keras_weights(backbone):
     return (base + names[0], top_md5), (base + names[1], notop_md5)
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("backbone", [name for name in BACKBONES if name != "dlib_resnet"])
 def test_weights_match_the_hashes_keras_publishes(backbone):
     assert backbone in datasets.WEIGHTS, f"no WEIGHTS entry for {backbone}"
     top, notop = keras_weights(backbone)
@@ -137,14 +139,60 @@ def test_weights_match_the_hashes_keras_publishes(backbone):
     assert (entry["notop"]["url"], entry["notop"]["md5"]) == notop
 
 
-def test_every_backbone_of_params_has_a_keras_source():
-    assert set(KERAS_SOURCES) == set(BACKBONES) == set(datasets.WEIGHTS)
+KERAS_BACKBONES = [name for name in BACKBONES if name != "dlib_resnet"]
 
 
-@pytest.mark.parametrize("backbone", BACKBONES)
+def test_every_keras_backbone_of_params_has_a_keras_source():
+    assert set(KERAS_SOURCES) == set(KERAS_BACKBONES) == set(datasets.WEIGHTS)
+
+
+@pytest.mark.parametrize("backbone", KERAS_BACKBONES)
 @pytest.mark.parametrize("size", [64, 224])
 def test_only_vgg16_at_224_uses_the_top_file(backbone, size):
     source = datasets.weights_source(backbone, size)
     variant = "top" if backbone == "vgg16" and size == 224 else "notop"
     assert source == {**datasets.WEIGHTS[backbone][variant], "file": source["url"].rsplit("/", 1)[-1]}
     assert source["file"].endswith(".h5") and "/" not in source["file"]
+
+
+# dlib's face-recognition network: the two published files, from the package, a folder or a URL.
+@pytest.fixture(scope="module")
+def dlib_files():
+    import face_recognition_models
+
+    folder = Path(face_recognition_models.face_recognition_model_location()).parent
+    return {name: folder / name for name, _ in MODEL_FILES.values()}
+
+
+def test_face_models_from_the_installed_package(project, dlib_files):
+    info = download_weights(project(model={"backbone": "dlib_resnet", "face_models": "package"}))
+    for name, path in dlib_files.items():
+        assert Path("data/weights", name).read_bytes() == path.read_bytes()
+    assert info["files"] == {name: sha for name, sha in MODEL_FILES.values()}
+    assert json.loads(Path("data/weights/weights.json").read_text()) == info
+
+
+def test_face_models_over_http_as_published_bz2(project, server, dlib_files):
+    for name, path in dlib_files.items():
+        server.files[f"/files/{name}.bz2"] = bz2.compress(path.read_bytes(), compresslevel=1)
+    download_weights(project(model={"backbone": "dlib_resnet", "face_models": server.url("/files/")}))
+    for name, path in dlib_files.items():
+        assert Path("data/weights", name).read_bytes() == path.read_bytes()
+    assert sorted(request for request, _ in server.requests) == sorted(f"/files/{n}.bz2" for n in dlib_files)
+
+
+def test_face_models_folder_without_the_files_names_them(project, tmp_path):
+    params = project(model={"backbone": "dlib_resnet", "face_models": str(tmp_path / "nowhere")})
+    with pytest.raises(PipelineError, match="shape_predictor_5_face_landmarks.dat not found"):
+        download_weights(params)
+
+
+def test_corrupt_face_models_are_refused_and_removed(project, tmp_path, dlib_files):
+    folder = tmp_path / "models"
+    folder.mkdir()
+    for name, path in dlib_files.items():
+        (folder / name).write_bytes(path.read_bytes()[:-10] + b"0123456789")
+    params = project(model={"backbone": "dlib_resnet", "face_models": str(folder)})
+    with pytest.raises(PipelineError, match="corrupt or not the published file"):
+        download_weights(params)
+    assert not any(Path("data/weights", name).exists() for name in dlib_files)

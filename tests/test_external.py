@@ -209,12 +209,12 @@ def set_metrics():
 def test_report_section_text():
     assert "No external sets are configured" in external_section({}, {})
     assert "`external.sets`" in external_section({}, {})
-    links = {"fair": {"fair: by age bin": "figures/external/fair_age_bins.png"}}
+    links = {"fair": {"fair: by age bin": "external_figures/fair_age_bins.png"}}
     text = external_section({"fair": set_metrics()}, links)
     assert text.startswith("## External set: fair\n")
     assert ("csv set `faces/labels.csv` (face margin 0.4, re-framed like the training crops): 8 images, "
             "5 scored; skipped: no_landmarks 1, unreadable 1; labels not parsed: 1.") in text
-    assert text.endswith("![fair: by age bin](figures/external/fair_age_bins.png)\n")
+    assert text.endswith("![fair: by age bin](external_figures/fair_age_bins.png)\n")
     assert "Not parsed (first ones): `row 3 (x.jpg): no path`." in text
     assert "| Gender accuracy | 80.00% | 60.00% (always the set's majority gender, male) |" in text
     assert "| Age MAE, expected value (years) | 4.67 | – |" in text
@@ -224,7 +224,7 @@ def test_report_section_text():
     assert "| female | 2 | 100.00% | 12.00 | 0.00% | 100.00% |" in text
     assert "| 10-19 | 0 | – | – | – | – |" in text
     assert "| unlabelled | 1 | 100.00% | – | – | 100.00% |" in text
-    assert "![fair: by age bin](figures/external/fair_age_bins.png)" in text
+    assert "![fair: by age bin](external_figures/fair_age_bins.png)" in text
     assert text == external_section({"fair": set_metrics()}, links)
 
 
@@ -300,7 +300,7 @@ def test_stage_scores_utkface_and_csv_sets(project, tiny_image_model, sample_dir
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"external-test-{id(monkeypatch)}")
     Path("models").mkdir()
     shutil.copy(tiny_image_model, "models/model.keras")
-    stale = Path("metrics/figures/external/gone_age_bins.png")
+    stale = Path("metrics/external_figures/gone_age_bins.png")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"")
 
@@ -326,16 +326,16 @@ def test_stage_scores_utkface_and_csv_sets(project, tiny_image_model, sample_dir
     # the same image and margin give the same outputs whichever way the set is labelled
     assert fair["by_gender"]["male"]["gender_accuracy"] == utk["by_gender"]["male"]["gender_accuracy"]
 
-    figures = Path("metrics/figures/external")
+    figures = Path("metrics/external_figures")
     names = {"utk_age_bins.png", "utk_ethnicity.png", "fair_age_bins.png", "fair_ethnicity.png"}
-    assert {p.name for p in figures.iterdir()} == names
+    assert {p.name for p in figures.glob("*.png")} == names
     assert all(png_size(figures / name) == (640, 480) for name in names)
     report = Path("metrics/external_report.md").read_text()
     assert report.startswith("# External evaluation\n\n## External set: utk\n")
     assert "## External set: fair" in report and "### By ethnicity" in report
     assert f"| Gender accuracy | {utk['gender']['accuracy']:.2%} | {utk['gender']['majority_baseline']:.2%}" in report
     for name in names:
-        assert f"(figures/external/{name})" in report
+        assert f"(external_figures/{name})" in report
     out = capsys.readouterr().out
     assert "evaluate_external: utk: 9/11 scored, gender accuracy" in out and "age-group accuracy" in out
 
@@ -359,7 +359,7 @@ def test_stage_without_sets_needs_no_model(project):
     stage.main()
     assert json.loads(Path("metrics/external.json").read_text()) == {"sets": {}}
     assert "No external sets are configured" in Path("metrics/external_report.md").read_text()
-    assert list(Path("metrics/figures/external").iterdir()) == []
+    assert [p.name for p in Path("metrics/external_figures").iterdir()] == ["README.md"]
 
 
 def test_stage_refuses_a_set_without_usable_images(project, tiny_image_model, capsys):

@@ -12,13 +12,22 @@ from conftest import commit, run, set_params
 
 pytestmark = pytest.mark.slow
 
+# The default backbone (dlib's face-recognition network) on a few hundred faces ...
 TINY = {
     "filter": {"limit": 300},
+    "train": {"epochs": 1, "head_units": [16, 16], "batch_size": 32},
+}
+# ... and the reference design's VGG16 at 32 px, with a fine-tuning epoch on images.
+TINY_VGG16 = {
+    "filter": {"limit": 300},
     "crop": {"size": 32},
+    "model": {"backbone": "vgg16"},
     "train": {"input_size": 32, "epochs": 1, "trainable_layers": 0, "head_units": [16, 16], "batch_size": 32,
               "finetune_epochs": 1, "finetune_layers": 2},
 }
-STAGES = ("download_data", "download_weights", "filter", "crop", "split", "features", "train", "evaluate", "export")
+STAGES = ("download_data", "download_weights", "filter", "crop", "split", "features", "train", "evaluate_external",
+          "evaluate", "export")
+AFTER_TRAINING = ["evaluate", "evaluate_external", "export", "train"]
 
 
 def mlflow_runs(repo):
@@ -50,12 +59,17 @@ def test_repro_rerun_experiment_and_mlflow(repo):
     for name in ("filter", "crop", "split", "evaluate"):
         assert f"metrics/{name}.json" in files
     training = json.loads((repo / "metrics/train.json").read_text())
-    assert training["epochs_run"] == 2  # one epoch on cached features, one fine-tuning epoch on images
-    assert len((repo / "metrics/train_history.csv").read_text().splitlines()) == 3
+    assert training["epochs_run"] == 1
+    assert len((repo / "metrics/train_history.csv").read_text().splitlines()) == 2
     evaluation = json.loads((repo / "metrics/evaluate.json").read_text())
     assert 0.0 <= evaluation["gender"]["accuracy"] <= 1.0
     assert evaluation["age"]["mae"] > 0
-    assert evaluation["test_images"] == json.loads((repo / "metrics/split.json").read_text())["test"]["images"]
+    test_images = json.loads((repo / "metrics/split.json").read_text())["test"]["images"]
+    assert evaluation["test_images"] + evaluation["test_skipped_no_landmarks"] == test_images
+    features = json.loads((repo / "metrics/features.json").read_text())
+    assert features["feature_size"] == 128 and sum(features["no_landmarks"].values()) <= 3
+    assert json.loads((repo / "metrics/external.json").read_text()) == {"sets": {}}
+    assert "evaluate_external: no sets configured" in out
 
     again = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in again
@@ -64,15 +78,15 @@ def test_repro_rerun_experiment_and_mlflow(repo):
     commit(repo, env, "baseline run")
     experiment = run(["dvc", "exp", "run", "-S", "train.epochs=2", "-n", "two-epochs"], repo, env)
     ran = [stage for stage in STAGES if f"Running stage '{stage}'" in experiment]
-    assert ran == ["train", "evaluate", "export"]
+    assert ran == ["train", "evaluate_external", "evaluate", "export"]
     assert "two-epochs" in run(["dvc", "exp", "show", "--csv"], repo, env)
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env))
     assert "metrics/train.json" in diff and "metrics/evaluate.json" in diff
 
     parents, children = children_by_parent(mlflow_runs(repo))
-    assert sorted(map(sorted, children.values())) == sorted([sorted(STAGES), ["evaluate", "export", "train"]])
+    assert sorted(map(sorted, children.values())) == sorted([sorted(STAGES), AFTER_TRAINING])
     tagged = [parent for parent in parents.values() if parent.data.tags.get("dvc.exp_name") == "two-epochs"]
-    assert len(tagged) == 1 and sorted(children[tagged[0].info.run_id]) == ["evaluate", "export", "train"]
+    assert len(tagged) == 1 and sorted(children[tagged[0].info.run_id]) == AFTER_TRAINING
     import mlflow
 
     versions = mlflow.MlflowClient().search_model_versions("name='agegender-model'")
@@ -93,9 +107,11 @@ def test_archive_holding_only_the_real_mat_filters_to_38138(repo, shared_data):
 
 def test_queued_experiments_each_get_a_parent_run(repo):
     repo, env = repo
-    set_params(repo, {**TINY, "train": {**TINY["train"], "finetune_epochs": 0}})
+    set_params(repo, TINY_VGG16)
     commit(repo, env, "tiny configuration")
     run(["dvc", "repro"], repo, env)
+    training = json.loads((repo / "metrics/train.json").read_text())
+    assert training["epochs_run"] == 2  # one epoch on cached features, one fine-tuning epoch on images
     commit(repo, env, "baseline run")
     names = ["lr-a", "lr-b", "lr-c"]
     for name, lr in zip(names, ("0.01", "0.003", "0.0003")):
@@ -113,4 +129,4 @@ def test_queued_experiments_each_get_a_parent_run(repo):
     parents, children = children_by_parent(mlflow_runs(repo))
     by_name = {parent.data.tags.get("dvc.exp_name"): run_id for run_id, parent in parents.items()}
     for name in names:
-        assert sorted(children[by_name[name]]) == ["evaluate", "export", "train"]
+        assert sorted(children[by_name[name]]) == AFTER_TRAINING

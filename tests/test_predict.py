@@ -142,11 +142,11 @@ def test_usage_error_exits_2(capsys):
 
 
 def test_core_functions_batch_and_resize(setup):
-    from agegender.model import load_model
+    from agegender.inference import Predictor
 
     faces = find_faces(load_rgb(GRACE_HOPPER), margin=0.4, size=48)
     assert len(faces) == 1 and faces[0].crop.size == (48, 48)
-    model = load_model(setup / "model.keras")
+    model = Predictor.load(setup / "model.keras")
     crops = [faces[0].crop, resize_whole(faces[0].crop, 32), Image.new("RGB", (20, 20))]
     results = predict_faces(model, crops, BINS, batch_size=2)  # two model calls
     assert len(results) == 3 and results[0] == results[1]  # crops are resized to the model's 32 px

