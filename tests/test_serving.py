@@ -199,3 +199,35 @@ def test_served_model_uses_its_own_copy_of_the_package(registered, tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.parent.parent.name == "code", path
+
+
+def test_dlib_model_is_served_on_crops_with_its_face_models(tmp_path, tracking_uri, sample_dir):
+    """A dlib_resnet model logs dlib's files beside the heads, so the served model takes face
+    crops and answers as the inference core does on the same crops."""
+    import face_recognition_models
+    import mlflow
+
+    from agegender.face_descriptor import MODEL_FILES
+    from agegender.inference import Predictor
+
+    networks = build_networks(64, backbone="dlib_resnet", head_units=(8,))
+    networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.1, (20, 128)).astype(np.float32))
+    networks.image_model.save(tmp_path / "model.keras")
+    source = Path(face_recognition_models.face_recognition_model_location()).parent
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    for file_name, _ in MODEL_FILES.values():
+        (weights / file_name).symlink_to(source / file_name)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["evaluate"]["age_bins"] = BINS
+    mlflow.set_tracking_uri(tracking_uri)
+    experiment = mlflow.create_experiment(f"test-dlib-{uuid.uuid4().hex[:8]}",
+                                          artifact_location=(tmp_path / "artifacts").as_uri())
+    with mlflow.start_run(experiment_id=experiment):
+        info = log_pyfunc(tmp_path / "model.keras", params, registered_name=None, face_models_dir=weights)
+    served = mlflow.pyfunc.load_model(info.model_uri)
+    faces = sorted((sample_dir / "91").glob("*.jpg"))[:3]
+    result = served.predict(pd.DataFrame({"image": [b64_file(path) for path in faces]}))
+    check_rows(result, 3)
+    expected = Predictor.load(tmp_path / "model.keras", weights).outputs([load_rgb(path) for path in faces])
+    np.testing.assert_allclose(result["age"], np.round(expected["age"] @ np.arange(101), 1), atol=1e-9)

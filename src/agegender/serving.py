@@ -12,6 +12,8 @@ whose landmarks can't be found gets an answer row of nulls.
 import base64
 import binascii
 import io
+import shutil
+import tempfile
 from pathlib import Path
 
 import mlflow.pyfunc
@@ -139,17 +141,30 @@ def log_pyfunc(keras_model_path, params, registered_name, name="pyfunc_model", f
     Returns MLflow's ModelInfo (model_uri, registered_model_version)."""
     from agegender.face_descriptor import crop_face_margin
 
-    artifacts = {ARTIFACT: str(keras_model_path)}
-    if face_models_dir is not None:
-        artifacts[FACE_MODELS] = str(face_models_dir)
-    return mlflow.pyfunc.log_model(
-        name=name,
-        python_model=AgeGenderModel(params["evaluate"]["age_bins"], params["evaluate"]["batch_size"],
-                                    crop_face_margin(params["crop"])),
-        artifacts=artifacts,
-        signature=SIGNATURE,
-        input_example=example_input(),
-        pip_requirements=PIP_REQUIREMENTS + (FACE_REQUIREMENTS if face_models_dir is not None else []),
-        code_paths=[str(PACKAGE_DIR)],
-        registered_model_name=registered_name,
-    )
+    model = AgeGenderModel(params["evaluate"]["age_bins"], params["evaluate"]["batch_size"],
+                           crop_face_margin(params["crop"]))
+    requirements = PIP_REQUIREMENTS + (FACE_REQUIREMENTS if face_models_dir is not None else [])
+    with tempfile.TemporaryDirectory(prefix="agegender-face-models-") as staging:
+        artifacts = {ARTIFACT: str(keras_model_path)}
+        if face_models_dir is not None:
+            artifacts[FACE_MODELS] = str(stage_face_models(face_models_dir, Path(staging)))
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=model,
+            artifacts=artifacts,
+            signature=SIGNATURE,
+            input_example=example_input(),
+            pip_requirements=requirements,
+            code_paths=[str(PACKAGE_DIR)],
+            registered_model_name=registered_name,
+        )
+
+
+def stage_face_models(face_models_dir, staging):
+    """The two dlib files alone, as plain files (MLflow refuses links that leave the folder)."""
+    from agegender.face_descriptor import MODEL_FILES, check_model_files
+
+    check_model_files(face_models_dir)
+    for file_name, _ in MODEL_FILES.values():
+        shutil.copyfile(Path(face_models_dir, file_name).resolve(), staging / file_name)
+    return staging
