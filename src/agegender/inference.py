@@ -62,7 +62,8 @@ class Predictor:
         if self.encoder is not None:
             return self.encoder.encode_with_mirror(crops)
         size = self.model.input_shape[1]
-        return np.stack([as_array(c if c.size == (size, size) else resize_whole(c, size)) for c in crops]).astype(np.float32)
+        pixels = [as_array(crop if crop.size == (size, size) else resize_whole(crop, size)) for crop in crops]
+        return np.stack(pixels).astype(np.float32)
 
     def outputs_of_inputs(self, inputs, batch_size=32):
         """{"gender": (N, 2), "age": (N, 101)} float64; rows of NaN inputs stay NaN."""

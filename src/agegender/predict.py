@@ -23,8 +23,6 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np
-
 from agegender.errors import exits_cleanly
 from agegender.images import ImageSkip, crop_face, grow_box, load_rgb
 from agegender.inference import WEIGHTS_DIR, Predictor, predict_faces

@@ -69,7 +69,8 @@ def descriptor_features(params, versions):
         skipped[split] = table["full_path"][missing].tolist()
         for name in (n for n, _ in versions if n.removesuffix("_flipped") == split):
             save_features(OUT_DIR, name, arrays[name][~missing], exact=True)
-    return {"shape": [DESCRIPTOR_SIZE], "skipped": skipped, "face_margin": margin, "extra_versions": ["test", "test_flipped"]}
+    return {"shape": [DESCRIPTOR_SIZE], "skipped": skipped, "face_margin": margin,
+            "extra_versions": ["test", "test_flipped"]}
 
 
 @exits_cleanly
