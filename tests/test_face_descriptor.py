@@ -99,3 +99,14 @@ def test_unreadable_file_counts_as_no_landmarks(face_models, labelled_faces, tmp
     broken.write_bytes(b"not a jpeg")
     rows = encode_files([labelled_faces["path"][0], broken], face_models, 0.4, workers=1)
     assert np.isfinite(rows[0]).all() and np.isnan(rows[1]).all()
+
+
+def test_encoding_with_workers_gives_what_one_process_gives(face_models, labelled_faces):
+    faces = [Image.open(path).convert("RGB") for path in labelled_faces["path"][:5]]
+    faces.append(Image.new("RGB", (64, 64), (128, 128, 128)))
+    alone = FaceEncoder(face_models, 0.4).encode_with_mirror(faces)
+    shared = FaceEncoder(face_models, 0.4, workers=2)
+    np.testing.assert_array_equal(shared.encode_with_mirror(faces), alone)
+    np.testing.assert_array_equal(shared.encode_with_mirror(faces[:1]), alone[:1])  # the pool is reused
+    assert np.isnan(alone[5]).all() and np.isfinite(alone[:5]).all()
+    shared.pool.shutdown()

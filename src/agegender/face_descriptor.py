@@ -68,9 +68,10 @@ def landmarks_plausible(points, box):
 
 
 class FaceEncoder:
-    """The landmark model and the descriptor network, loaded once."""
+    """The landmark model and the descriptor network, loaded once; with `workers` > 1, batches
+    are shared with that many processes (the network runs on one core each)."""
 
-    def __init__(self, weights_dir, face_margin, verify=True):
+    def __init__(self, weights_dir, face_margin, verify=True, workers=1):
         import dlib
 
         paths = check_model_files(weights_dir, verify)
@@ -81,6 +82,7 @@ class FaceEncoder:
             raise PipelineError(f"dlib could not load the models in {weights_dir} ({error}); "
                                 f"run `dvc repro download_weights` again.") from None
         self.dlib, self.face_margin = dlib, face_margin
+        self.weights_dir, self.workers, self.pool = str(weights_dir), workers, None
 
     def chip(self, image):
         """The aligned 150 px chip of a face crop (RGB PIL image), or ImageSkip("no_landmarks")."""
@@ -104,13 +106,21 @@ class FaceEncoder:
                 continue
         return rows
 
-
     def encode_with_mirror(self, images):
         """(N, 2, 128): each crop's descriptor and its mirror image's, as the saved model reads them."""
         from PIL import Image
 
-        mirrored = [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
-        return np.stack([self.encode(images), self.encode(mirrored)], axis=1)
+        both = list(images) + [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
+        if self.workers > 1 and len(both) > 2:
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(self.workers, initializer=_start_worker,
+                                                initargs=(self.weights_dir, self.face_margin))
+            size = -(-len(both) // self.workers)
+            chunks = [both[start:start + size] for start in range(0, len(both), size)]
+            rows = np.concatenate(list(self.pool.map(_encode_images, chunks)))
+        else:
+            rows = self.encode(both)
+        return np.stack([rows[:len(images)], rows[len(images):]], axis=1)
 
 
 _worker_encoder = None
@@ -119,6 +129,10 @@ _worker_encoder = None
 def _start_worker(weights_dir, face_margin):
     global _worker_encoder
     _worker_encoder = FaceEncoder(weights_dir, face_margin, verify=False)
+
+
+def _encode_images(images):
+    return _worker_encoder.encode(images)
 
 
 def _encode_files(job):

@@ -48,13 +48,13 @@ class Predictor:
         self.model, self.encoder = model, encoder if takes_descriptors(model) else None
 
     @classmethod
-    def load(cls, model_path, weights_dir=WEIGHTS_DIR, face_margin=0.4, hint="run `dvc repro train`"):
+    def load(cls, model_path, weights_dir=WEIGHTS_DIR, face_margin=0.4, hint="run `dvc repro train`", workers=1):
         model = open_model(model_path, hint)
         encoder = None
         if takes_descriptors(model):
             from agegender.face_descriptor import FaceEncoder
 
-            encoder = FaceEncoder(weights_dir, face_margin)
+            encoder = FaceEncoder(weights_dir, face_margin, workers=workers)
         return cls(model, encoder)
 
     def inputs(self, crops):

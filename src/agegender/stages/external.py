@@ -84,7 +84,7 @@ def main():
     sets, cs_years = params["external"]["sets"], params["evaluate"]["cs_years"]
     external.check_sets(sets)
     predictor = Predictor.load(MODEL, WEIGHTS_DIR, face_margin=params["crop"]["margin"],
-                               hint="run `dvc repro train` first") if sets else None
+                               hint="run `dvc repro train` first", workers=os.cpu_count() or 1) if sets else None
     by_set = {entry["name"]: evaluate_set(predictor, entry, params) for entry in sets}
 
     FIGURES.mkdir(parents=True, exist_ok=True)
