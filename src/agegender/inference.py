@@ -88,14 +88,14 @@ def readable(outputs, bins):
     """One dict per face: gender, gender_prob, age (DEX expected value), age_bin and
     age_bin_prob (the most likely bin); None where the face had no landmarks."""
     labels = bin_labels(bins)
+    with np.errstate(invalid="ignore"):
+        bin_probs = bin_probabilities(outputs["age"], bins)
     results = []
-    for g, a in zip(outputs["gender"], outputs["age"]):
+    for g, a, probs in zip(outputs["gender"], outputs["age"], bin_probs):
         if np.isnan(g).any():
             results.append(None)
             continue
-        male = int(g.argmax())
-        probs = bin_probabilities(a[None, :], bins)[0]
-        best_bin = int(probs.argmax())
+        male, best_bin = int(g.argmax()), int(probs.argmax())
         results.append({
             "gender": GENDERS[male],
             "gender_prob": round(float(g[male]), 4),

@@ -170,18 +170,19 @@ def main(argv=None):
         crops = [face.crop for *_, faces in pending for face in faces]
         results = iter(predict_faces(predictor, crops, bins, args.batch_size))
         for file, name, image, faces in pending:
-            own = [next(results) for _ in faces]
-            for index, (face, result) in enumerate(zip(faces, own)):
+            answered = []
+            for index, face in enumerate(faces):
+                result = next(results)
                 if result is None:
                     report(f"{file} face {index}", "no_landmarks")
                     continue
                 writer.write(file, index, face, result)
-            faces, own = zip(*[(f, r) for f, r in zip(faces, own) if r is not None]) if any(own) else ((), ())
+                answered.append((face, result))
             counts["photos"] += 1
-            counts["faces"] += len(faces)
-            if image is not None and faces:
+            counts["faces"] += len(answered)
+            if image is not None and answered:
                 try:
-                    save_annotated(annotate(image, faces, own), args.annotate / name)
+                    save_annotated(annotate(image, *zip(*answered)), args.annotate / name)
                 except (OSError, ValueError, KeyError) as error:
                     report(file, f"annotate_failed ({error})")
         pending.clear()

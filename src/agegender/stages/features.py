@@ -55,19 +55,17 @@ def descriptor_features(params, versions):
 
     margin, workers = crop_face_margin(params["crop"]), os.cpu_count() or 1
     versions = versions + [("test", False), ("test_flipped", True)]
+    tables = {split: read_split(split) for split in ("train", "val", "test")}
     arrays = {}
     for name, flip in versions:
-        table = read_split(name.removesuffix("_flipped"))
-        paths = [IMAGE_DIR / path for path in table["full_path"]]
+        paths = [IMAGE_DIR / path for path in tables[name.removesuffix("_flipped")]["full_path"]]
         arrays[name] = encode_files(paths, WEIGHTS_DIR, margin, flip=flip, workers=workers)
     skipped = {}
-    for split in ("train", "val", "test"):
-        table = read_split(split)
-        missing = np.zeros(len(table), bool)
-        for name in (n for n, _ in versions if n.removesuffix("_flipped") == split):
-            missing |= np.isnan(arrays[name]).any(axis=1)
+    for split, table in tables.items():
+        names = [name for name in arrays if name.removesuffix("_flipped") == split]
+        missing = np.logical_or.reduce([np.isnan(arrays[name]).any(axis=1) for name in names])
         skipped[split] = table["full_path"][missing].tolist()
-        for name in (n for n, _ in versions if n.removesuffix("_flipped") == split):
+        for name in names:
             save_features(OUT_DIR, name, arrays[name][~missing], exact=True)
     return {"shape": [DESCRIPTOR_SIZE], "skipped": skipped, "face_margin": margin,
             "extra_versions": ["test", "test_flipped"]}
