@@ -96,6 +96,7 @@ def project(tmp_path, monkeypatch, tracking_uri):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setattr(fetch, "RETRY_DELAY", 0)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
+    shutil.copy(REPO / "dvc.yaml", tmp_path / "dvc.yaml")  # stages log the params it lists
 
     def set_params(**sections):
         for section, values in sections.items():

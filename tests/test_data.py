@@ -6,7 +6,8 @@ from PIL import Image
 
 pytest.importorskip("tensorflow")
 
-from agegender.data import image_dataset, labels_of  # noqa: E402
+from agegender.data import image_dataset  # noqa: E402
+from agegender.labels import label_indices  # noqa: E402
 
 SIZE = 32
 
@@ -49,7 +50,7 @@ def ages(dataset):
 
 def test_labels_are_clipped_to_the_age_classes():
     table = pd.DataFrame({"gender": [0, 1], "age": [-3, 140]})
-    assert labels_of(table)["age"].tolist() == [0, 100]
+    assert label_indices(table)["age"].tolist() == [0, 100]
 
 
 def test_image_dataset_batches(crops):

@@ -16,7 +16,8 @@ from PIL import Image
 
 from agegender.images import load_rgb, resize_whole
 from agegender.metrics import bin_labels
-from agegender.predict import find_faces, main, predict_faces
+from agegender.inference import find_faces, predict_faces
+from agegender.predict import main
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 REPO = Path(__file__).resolve().parents[1]

@@ -119,12 +119,57 @@ def test_stages_of_one_execution_hang_under_one_parent(mlflow_env):
     assert by_stage["filter"].info.run_name == "filter"
 
 
-def test_failed_stage_is_marked_failed(mlflow_env):
+def test_failed_stage_is_marked_failed_with_its_error_on_it_and_its_parent(mlflow_env):
     with pytest.raises(RuntimeError, match="boom"):
         with stage_run("train", {"lr": 0.001}, mlflow_env):
             raise RuntimeError("boom")
     (child,) = [r for r in runs_of(mlflow_env) if "stage" in r.data.tags]
-    assert child.info.status == "FAILED"
+    (parent,) = [r for r in runs_of(mlflow_env) if "stage" not in r.data.tags]
+    assert child.info.status == "FAILED" and parent.info.status == "FAILED"
+    assert child.data.tags["error"] == parent.data.tags["error"] == "RuntimeError: boom"
+
+
+def test_the_parent_run_carries_the_headline_params_and_figures(mlflow_env):
+    headline = {"model.backbone": "dlib_resnet", "train.lr": 0.001}
+    with stage_run("evaluate", {"evaluate.cs_years": 5}, mlflow_env, headline) as run:
+        run.log_headline_metrics({"test": {"gender": {"accuracy": 0.97}, "images": 290}})
+    (parent,) = [r for r in runs_of(mlflow_env) if "stage" not in r.data.tags]
+    assert parent.data.params == {"model.backbone": "dlib_resnet", "train.lr": "0.001"}
+    assert parent.data.metrics == {"test.gender.accuracy": 0.97, "test.images": 290.0}
+
+
+def test_headline_params_are_picked_from_the_whole_file():
+    params = {"data": {"dataset": "sample", "url": ""}, "train": {"lr": 0.01, "dropout": 0.3},
+              "model": {"backbone": "vgg16"}}
+    picked = tracking.headline_params(params)
+    assert picked == {"data.dataset": "sample", "model.backbone": "vgg16", "train.lr": 0.01}
+
+
+def test_a_stage_run_lasts_as_long_as_its_work(mlflow_env):
+    import time
+
+    with stage_run("features", {}, mlflow_env):
+        time.sleep(1.0)
+    (child,) = [r for r in runs_of(mlflow_env) if "stage" in r.data.tags]
+    assert child.info.end_time - child.info.start_time >= 1000
+
+
+def test_mlflow_failing_mid_training_costs_no_stage(mlflow_env):
+    """A real MLflow error during fit: the stage's run is deleted under it (as a user cleaning
+    the runs table would), so every per-epoch log fails; the callback warns once and goes on."""
+    import mlflow
+
+    with stage_run("train", {}, mlflow_env) as run:
+        mlflow.MlflowClient().delete_run(mlflow.active_run().info.run_id)
+        with pytest.raises(mlflow.exceptions.MlflowException):
+            mlflow.log_metric("loss", 1.0)  # MLflow itself does fail here
+        callback = run.keras_callback()
+        with pytest.warns(UserWarning, match="MLflow logging failed in stage 'train'"):
+            for epoch in range(3):
+                callback.on_epoch_end(epoch, {"loss": 1.0 / (epoch + 1)})
+        run.log_metrics({"best_epoch": 2})
+        run.log_headline_metrics({"x": 1})
+        assert run.call(mlflow.log_param, "a", 1) is None
 
 
 def test_experiment_name_from_dvc_exp_environment(mlflow_env, monkeypatch):

@@ -4,14 +4,7 @@ from pathlib import Path
 import numpy as np
 import tensorflow as tf
 
-from agegender.model import TASKS
-
-
-def labels_of(table):
-    return {
-        "gender": np.asarray(table["gender"], dtype=np.int32),
-        "age": np.clip(np.asarray(table["age"], dtype=np.int32), 0, TASKS["age"] - 1),
-    }
+from agegender.labels import TASKS, label_indices
 
 
 def image_dataset(table, image_dir, input_size, batch_size, shuffle_seed=None, flip=False, cache=False,
@@ -20,7 +13,7 @@ def image_dataset(table, image_dir, input_size, batch_size, shuffle_seed=None, f
     `cache` keeps the decoded images in memory after the first epoch; `flip` mirrors every image;
     `gender_weights` (one per class) adds per-sample loss weights."""
     paths = [str(Path(image_dir) / path) for path in table["full_path"]]
-    labels = labels_of(table)
+    labels = label_indices(table)
     dataset = tf.data.Dataset.from_tensor_slices((paths, labels))
 
     def load(path, label):

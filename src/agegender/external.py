@@ -9,7 +9,8 @@ import numpy as np
 import pandas as pd
 
 from agegender.errors import PipelineError
-from agegender.metrics import AGES, age_bin, age_metrics, bin_labels, gender_metrics
+from agegender.labels import GENDERS, expected_age
+from agegender.metrics import age_bin, age_metrics, bin_labels, gender_metrics
 
 FORMATS = ("utkface", "csv")
 KEYS = ("name", "format", "path", "face_margin")
@@ -17,7 +18,6 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names figure files and MLflo
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 MAX_AGE = 116  # the oldest UTKFace age
 UTK_RACES = ("White", "Black", "Asian", "Indian", "Others")
-GENDERS = ("female", "male")  # the project's coding: 0 female, 1 male, as IMDB-WIKI
 GENDER_WORDS = {"female": 0, "f": 0, "0": 0, "male": 1, "m": 1, "1": 1}
 FIRST_BAD = 20
 COLUMNS = ["path", "file", "age", "age_min", "age_max", "gender", "ethnicity"]
@@ -190,7 +190,7 @@ def score(table, outputs, edges, cs_years):
     gender = table["gender"].to_numpy(int)
     age = table["age"].to_numpy(float)
     low, high = table["age_min"].to_numpy(float), table["age_max"].to_numpy(float)
-    expected = outputs["age"] @ AGES
+    expected = expected_age(outputs["age"])
     hit = outputs["gender"].argmax(axis=1) == gender
     error = np.abs(expected - age)
     grouped = ~np.isnan(low)

@@ -5,16 +5,40 @@ dlib's face-recognition network (`dlib_resnet`) takes the crop's 128-D descripto
 `FaceEncoder` computes from the crop exactly as the features stage did for training.
 predict, serving, evaluate and export all go through here.
 """
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from agegender.errors import PipelineError
-from agegender.images import as_array, resize_whole
-from agegender.metrics import AGES, bin_labels, bin_probabilities
+from agegender.images import as_array, crop_face, grow_box, resize_whole
+from agegender.labels import AGES, GENDERS, expected_age
+from agegender.layout import WEIGHTS
+from agegender.metrics import bin_labels, bin_probabilities
 
-GENDERS = ("female", "male")  # output index 0, 1, as the dataset codes gender
-WEIGHTS_DIR = Path("data/weights")
+
+@dataclass
+class Face:
+    box: tuple          # x1, y1, x2, y2 of the detected face, integer pixels inside the photo
+    confidence: float   # MTCNN's confidence
+    crop: object        # PIL image, the face grown by the margin, size x size, as the crop stage writes it
+
+
+def find_faces(image, margin, size, min_face_size=20):
+    """Every face in an RGB PIL image, most confident first, cropped as the crop stage crops it."""
+    from agegender.faces import detect_faces  # loads MTCNN only when asked
+
+    faces = []
+    for box, confidence in detect_faces(image, min_face_size=min_face_size):
+        crop = crop_face(image, grow_box(box, margin), size)
+        faces.append(Face(clip_box(box, *image.size), confidence, crop))
+    return faces
+
+
+def clip_box(box, width, height):
+    x1, y1, x2, y2 = box
+    return (int(round(min(max(x1, 0), width))), int(round(min(max(y1, 0), height))),
+            int(round(min(max(x2, 0), width))), int(round(min(max(y2, 0), height))))
 
 
 def takes_descriptors(model):
@@ -48,7 +72,7 @@ class Predictor:
         self.model, self.encoder = model, encoder if takes_descriptors(model) else None
 
     @classmethod
-    def load(cls, model_path, weights_dir=WEIGHTS_DIR, face_margin=0.4, hint="run `dvc repro train`", workers=1):
+    def load(cls, model_path, weights_dir=WEIGHTS, face_margin=0.4, hint="run `dvc repro train`", workers=1):
         model = open_model(model_path, hint)
         encoder = None
         if takes_descriptors(model):
@@ -99,7 +123,7 @@ def readable(outputs, bins):
         results.append({
             "gender": GENDERS[male],
             "gender_prob": round(float(g[male]), 4),
-            "age": round(float(a @ AGES), 1),
+            "age": round(float(expected_age(a)), 1),
             "age_bin": labels[best_bin],
             "age_bin_prob": round(float(probs[best_bin]), 4),
         })

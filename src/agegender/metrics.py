@@ -1,7 +1,7 @@
 """Age and gender figures as the peers report them (DEX expected value, CS@5, bins)."""
 import numpy as np
 
-AGES = np.arange(101)
+from agegender.labels import AGES, GENDERS, expected_age
 
 
 def bin_labels(edges):
@@ -20,7 +20,7 @@ def bin_probabilities(age_probs, edges):
 
 def age_metrics(age_true, age_probs, edges, cs_years):
     age_true = np.asarray(age_true)
-    expected = age_probs @ AGES
+    expected = expected_age(age_probs)
     error = np.abs(expected - age_true)
     true_bin = age_bin(age_true, edges)
     predicted_bin = bin_probabilities(age_probs, edges).argmax(axis=1)
@@ -64,7 +64,7 @@ def per_age_bin(age_true, age_probs, edges):
     import pandas as pd
 
     age_true = np.asarray(age_true)
-    error = np.abs(age_probs @ AGES - age_true)
+    error = np.abs(expected_age(age_probs) - age_true)
     true_bin = age_bin(age_true, edges)
     hit = bin_probabilities(age_probs, edges).argmax(axis=1) == true_bin
     rows = []
@@ -77,7 +77,7 @@ def per_age_bin(age_true, age_probs, edges):
     return pd.DataFrame(rows, columns=["bin", "count", "mae", "bin_accuracy"])
 
 
-def per_gender(gender_true, gender_probs, names=("female", "male")):
+def per_gender(gender_true, gender_probs, names=GENDERS):
     """One row per true gender: images and accuracy."""
     import pandas as pd
 

@@ -10,9 +10,8 @@ from dataclasses import dataclass
 import keras
 from keras import layers
 
+from agegender.labels import TASKS
 from agegender.losses import HeadLoss
-
-TASKS = {"gender": 2, "age": 101}
 
 
 @dataclass(frozen=True)

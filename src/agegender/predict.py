@@ -9,7 +9,7 @@ to stdout (JSON lines, or CSV with a header); a photo that cannot be used is nam
 with its reason (missing, unreadable, too_large, no_face) and the run goes on. Exit status:
 0 when at least one face was predicted, 1 when none was, 2 for a usage error.
 
-`find_faces` (here) and `agegender.inference` are the reusable core (a server can call them).
+`agegender.inference` is the reusable core (find_faces, Predictor, predict_faces).
 A model trained on dlib's face-recognition network (`model.backbone: dlib_resnet`) also needs
 the dlib model files (`--weights`, default data/weights, where `dvc repro` puts them).
 """
@@ -18,43 +18,16 @@ import csv
 import json
 import os
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from agegender.errors import exits_cleanly
-from agegender.images import ImageSkip, crop_face, grow_box, load_rgb
-from agegender.inference import WEIGHTS_DIR, Predictor, predict_faces
-
-MODEL = Path("models/model.keras")
-PARAMS = Path("params.yaml")
+from agegender.images import ImageSkip, load_rgb
+from agegender.inference import Predictor, find_faces, predict_faces
+from agegender.layout import MODEL, PARAMS, WEIGHTS
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 FIELDS = ["file", "face", "x1", "y1", "x2", "y2", "confidence", "gender", "gender_prob", "age", "age_bin", "age_bin_prob"]
-
-
-@dataclass
-class Face:
-    box: tuple          # x1, y1, x2, y2 of the detected face, integer pixels inside the photo
-    confidence: float   # MTCNN's confidence
-    crop: object        # PIL image, the face grown by the margin, size x size, as the crop stage writes it
-
-
-def find_faces(image, margin, size, min_face_size=20):
-    """Every face in an RGB PIL image, most confident first, cropped as the crop stage crops it."""
-    from agegender.faces import detect_faces  # loads MTCNN only when asked
-
-    faces = []
-    for box, confidence in detect_faces(image, min_face_size=min_face_size):
-        crop = crop_face(image, grow_box(box, margin), size)
-        faces.append(Face(clip_box(box, *image.size), confidence, crop))
-    return faces
-
-
-def clip_box(box, width, height):
-    x1, y1, x2, y2 = box
-    return (int(round(min(max(x1, 0), width))), int(round(min(max(y1, 0), height))),
-            int(round(min(max(x2, 0), width))), int(round(min(max(y2, 0), height))))
 
 
 def image_files(paths):
@@ -129,8 +102,8 @@ def parse_args(argv):
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output on stdout (default jsonl)")
     parser.add_argument("--annotate", type=Path, metavar="DIR", help="write each photo with boxes and labels drawn into DIR")
     parser.add_argument("--batch-size", type=positive, default=32, help="faces per model call (default 32)")
-    parser.add_argument("--weights", type=Path, default=WEIGHTS_DIR,
-                        help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS_DIR})")
+    parser.add_argument("--weights", type=Path, default=WEIGHTS,
+                        help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS})")
     parser.add_argument("--params", type=Path, default=PARAMS,
                         help="params.yaml giving crop.margin, crop.size and evaluate.age_bins (default params.yaml)")
     return parser.parse_args(argv)

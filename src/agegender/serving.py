@@ -12,10 +12,12 @@ whose landmarks can't be found gets an answer row of nulls.
 import base64
 import binascii
 import io
+import os
 import shutil
 import tempfile
 from pathlib import Path
 
+import mlflow
 import mlflow.pyfunc
 import numpy as np
 import pandas as pd
@@ -25,7 +27,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, Schema
 
 from agegender.images import ImageSkip, load_rgb
-from agegender.inference import Predictor, predict_faces, takes_descriptors
+from agegender.inference import Predictor, open_model, predict_faces, takes_descriptors
 
 OUTPUT_COLUMNS = ["gender", "gender_prob", "age", "age_bin", "age_bin_prob"]
 SIGNATURE = ModelSignature(
@@ -39,6 +41,7 @@ FACE_REQUIREMENTS = ["dlib-bin==20.0.1.post1"]  # the dlib files travel as an ar
 PACKAGE_DIR = Path(__file__).resolve().parent
 ARTIFACT = "keras_model"
 FACE_MODELS = "face_models"
+CHAMPION = "champion"  # the registered version a plain `dvc repro` made last
 
 
 def float32_model(model):
@@ -95,9 +98,7 @@ class AgeGenderModel(mlflow.pyfunc.PythonModel):
         self.model = None
 
     def load_context(self, context):
-        from agegender.model import load_model
-
-        model = float32_model(load_model(context.artifacts[ARTIFACT]))
+        model = float32_model(open_model(context.artifacts[ARTIFACT]))
         encoder = None
         if takes_descriptors(model):
             from agegender.face_descriptor import FaceEncoder
@@ -158,6 +159,29 @@ def log_pyfunc(keras_model_path, params, registered_name, name="pyfunc_model", f
             code_paths=[str(PACKAGE_DIR)],
             registered_model_name=registered_name,
         )
+
+
+def registered_name(params):
+    return f"{params['mlflow']['experiment']}-model"
+
+
+def register_pyfunc(run, keras_model_path, params, face_models_dir=None):
+    """Log the pyfunc model in the export stage's run and register it as a new version. The
+    alias `champion` moves to it when it comes from a plain `dvc repro` (not `dvc exp run`),
+    so `models:/<experiment>-model@champion` serves the latest run of the committed params.
+    Returns a phrase for the stage's summary line; '' when tracking is off or failed."""
+    name = registered_name(params)
+    info = run.call(log_pyfunc, keras_model_path, params, name, face_models_dir=face_models_dir)
+    if info is None or info.registered_model_version is None:
+        return ""
+    version = str(info.registered_model_version)
+    client = mlflow.MlflowClient()
+    experiment = os.environ.get("DVC_EXP_NAME")
+    if experiment:
+        run.call(client.set_model_version_tag, name, version, "dvc.exp_name", experiment)
+        return f", registered as {name} version {version} (experiment {experiment})"
+    run.call(client.set_registered_model_alias, name, CHAMPION, version)
+    return f", registered as {name} version {version}, alias @{CHAMPION}"
 
 
 def stage_face_models(face_models_dir, staging):

@@ -5,6 +5,7 @@ parent run through a key derived from the nearest `dvc` ancestor process.
 """
 import contextlib
 import os
+import re
 import subprocess
 import warnings
 from pathlib import Path
@@ -63,24 +64,59 @@ def flatten(params, prefix=""):
     return flat
 
 
-class StageRun:
-    """What a stage logs; every call is a no-op when tracking is unavailable."""
+HEADLINE_PARAMS = ("data.dataset", "model.backbone", "model.weights", "train.input_size",
+                   "train.epochs", "train.lr", "train.age_loss", "seed")
 
-    def __init__(self, mlflow_module=None):
-        self.mlflow = mlflow_module
+
+def headline_params(params):
+    """The params that tell executions apart in the MLflow runs table, from the whole file."""
+    flat = flatten(params)
+    return {key: flat[key] for key in HEADLINE_PARAMS if key in flat}
+
+
+class StageRun:
+    """What a stage logs. Every call is a no-op when tracking is unavailable, and an MLflow
+    error in any of them (the store gone mid-run, a deleted run) becomes one warning: tracking
+    never costs the user a pipeline run."""
+
+    def __init__(self, mlflow_module=None, stage="", parent_id=None):
+        self.mlflow, self.stage, self.parent_id = mlflow_module, stage, parent_id
+        self.warned = False
 
     @property
     def active(self):
         return self.mlflow is not None
 
+    def _safely(self, call):
+        """`call()`'s result, or None when tracking is off or MLflow failed."""
+        if not self.active:
+            return None
+        try:
+            return call()
+        except Exception as error:
+            if not self.warned:
+                warnings.warn(f"MLflow logging failed in stage '{self.stage}' and is skipped; "
+                              f"the stage goes on ({tracking_uri()}): {error}")
+                self.warned = True
+            return None
+
     def log_metrics(self, metrics, step=None):
-        if self.active:
-            numeric = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-            self.mlflow.log_metrics(numeric, step=step)
+        """Numbers only, nested keys flattened (`age.mae`); figures and timings alike."""
+        self._safely(lambda: self.mlflow.log_metrics(numeric(metrics), step=step))
 
     def log_artifact(self, path, artifact_path=None):
-        if self.active and Path(path).exists():
-            self.mlflow.log_artifact(str(path), artifact_path=artifact_path)
+        if Path(path).exists():
+            self._safely(lambda: self.mlflow.log_artifact(str(path), artifact_path=artifact_path))
+
+    def log_headline_metrics(self, metrics):
+        """Figures that belong on the execution's parent run, so runs compare at a glance."""
+        if self.parent_id is not None:
+            for key, value in numeric(metrics).items():
+                self._safely(lambda: self.mlflow.MlflowClient().log_metric(self.parent_id, key, value))
+
+    def call(self, function, *args, **kwargs):
+        """Any other MLflow work (registering a model): its result, or None if it failed."""
+        return self._safely(lambda: function(*args, **kwargs))
 
     def keras_callback(self):
         """Per-epoch training figures as MLflow metrics with the epoch as step."""
@@ -95,7 +131,13 @@ class StageRun:
         return EpochMetrics()
 
 
-def _find_or_start_parent(mlflow, experiment_id, key, tags):
+def numeric(metrics):
+    """The numbers of a nested dict under names MLflow accepts (`60+` becomes `60_`)."""
+    return {re.sub(r"[^\w\-. :/]", "_", key): float(value) for key, value in flatten(metrics).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+
+
+def _find_or_start_parent(mlflow, experiment_id, key, tags, headline):
     found = mlflow.search_runs(
         experiment_ids=[experiment_id],
         filter_string=f"tags.`{PIPELINE_KEY_TAG}` = '{key}'",
@@ -107,12 +149,15 @@ def _find_or_start_parent(mlflow, experiment_id, key, tags):
     exp_name = tags.get("dvc.exp_name")
     run_name = f"pipeline {exp_name}" if exp_name else f"pipeline {tags['git.commit'][:8]}"
     client = mlflow.tracking.MlflowClient()
-    parent = client.create_run(experiment_id, tags={**tags, PIPELINE_KEY_TAG: key}, run_name=run_name)
+    parent = client.create_run(experiment_id, tags={**tags, PIPELINE_KEY_TAG: key},
+                               run_name=run_name)
+    for name, value in headline.items():
+        client.log_param(parent.info.run_id, name, value)
     client.set_terminated(parent.info.run_id)
     return parent.info.run_id
 
 
-def _start_child_run(mlflow, stage, params, experiment):
+def _start_child_run(mlflow, stage, params, experiment, headline):
     mlflow.set_tracking_uri(tracking_uri())
     name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or experiment
     if mlflow.get_experiment_by_name(name) is None:  # artifacts at the root, not in a --temp copy
@@ -121,34 +166,52 @@ def _start_child_run(mlflow, stage, params, experiment):
     tags = {"git.commit": git_commit()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    parent_id = _find_or_start_parent(mlflow, experiment.experiment_id, pipeline_key(), tags)
+    parent_id = _find_or_start_parent(mlflow, experiment.experiment_id, pipeline_key(), tags,
+                                      headline)
     mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags={**tags, "stage": stage})
     try:
         mlflow.log_params(flatten(params))
     except Exception:
         mlflow.end_run(status="FAILED")
         raise
+    return parent_id
+
+
+def _close(mlflow, parent_id, error):
+    """End the stage's run; a failure is written on it and on the execution's parent run."""
+    if error is None:
+        mlflow.end_run(status="FINISHED")
+        return
+    message = f"{type(error).__name__}: {error}"[:5000]
+    mlflow.set_tag("error", message)
+    status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+    mlflow.end_run(status=status)
+    client = mlflow.tracking.MlflowClient()
+    client.set_tag(parent_id, "error", message)
+    client.set_terminated(parent_id, status=status)
 
 
 @contextlib.contextmanager
-def stage_run(stage, params, experiment="agegender"):
-    """Log `params` (this stage's section) under a child run of the pipeline's parent run.
-    Tracking never costs the user a pipeline run: when MLflow fails, the stage goes on."""
+def stage_run(stage, params, experiment="agegender", headline=None):
+    """A child run of the execution's parent run, open while the stage works, logging
+    `params` (flat); `headline` params go on the parent when this stage creates it.
+    When MLflow is unusable the stage goes on untracked, with one warning."""
     import mlflow
 
     try:
-        _start_child_run(mlflow, stage, params, experiment)
-        tracker = StageRun(mlflow)
+        parent_id = _start_child_run(mlflow, stage, params, experiment, headline or {})
+        tracker = StageRun(mlflow, stage, parent_id)
     except Exception as error:
         warnings.warn(f"MLflow tracking skipped for stage '{stage}' ({tracking_uri()}): {error}")
-        tracker = StageRun(None)
+        tracker = StageRun(None, stage)
     if not tracker.active:
         yield tracker
         return
-    status = "FAILED"
     try:
         yield tracker
-        status = "FINISHED"
-    finally:
+    except BaseException as error:
         with contextlib.suppress(Exception):
-            mlflow.end_run(status=status)
+            _close(mlflow, parent_id, error)
+        raise
+    with contextlib.suppress(Exception):
+        _close(mlflow, parent_id, None)

@@ -13,19 +13,12 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
-import pandas as pd
-
 from agegender.datasets import DATASETS, dataset_dir
-from agegender.errors import PipelineError, exits_cleanly
-from agegender.files import replace_atomically, write_csv, write_json
+from agegender.errors import PipelineError
+from agegender.files import read_csv, replace_atomically, write_csv, write_json
 from agegender.images import ImageSkip, crop_face, face_box_in_crop, grow_box, load_rgb, resize_whole
-from agegender.params import load_params
-from agegender.tracking import stage_run
-
-RAW_DIR = Path("data/raw")
-RECORDS = Path("data/filtered/records.csv")
-OUT_DIR = Path("data/crops")
-METRICS = Path("metrics/crop.json")
+from agegender.layout import CROP_IMAGES, CROP_INDEX, CROPS, RAW, RECORDS
+from agegender.stage import stage
 
 
 def face_box(record, image, settings):
@@ -78,17 +71,16 @@ def prepare_output(out_dir, settings):
     write_json(marker, settings)
 
 
-@exits_cleanly
-def main():
-    params = load_params()
+@stage("crop")
+def main(params, run):
     section = params["crop"]
     dataset = params["data"]["dataset"]
-    records = pd.read_csv(RECORDS, keep_default_na=False, na_values=[""])
+    records = read_csv(RECORDS)
     settings = {**section, "dataset": dataset, "from_crop_archive": DATASETS[dataset]["folder"].endswith("_crop"),
                 "records_md5": hashlib.md5(RECORDS.read_bytes()).hexdigest()}
-    prepare_output(OUT_DIR, settings)
+    prepare_output(CROPS, settings)
     workers = section["workers"] or os.cpu_count()
-    reasons = crop_all(records, dataset_dir(RAW_DIR, dataset), OUT_DIR / "images", settings, workers)
+    reasons = crop_all(records, dataset_dir(RAW, dataset), CROP_IMAGES, settings, workers)
     written = records[[reason is None for reason in reasons]]
     skipped = Counter(reason for reason in reasons if reason is not None)
     if written.empty:
@@ -96,12 +88,11 @@ def main():
             f"no face image could be written from {len(records)} records of {RECORDS}; skipped: {dict(skipped)}. "
             f"Check that data/raw holds the images (the archive may hold only the .mat)."
         )
-    write_csv(OUT_DIR / "index.csv", written.assign(full_path=written["full_path"].map(lambda p: str(Path(p).with_suffix(".jpg")))))
+    as_jpeg = written["full_path"].map(lambda path: str(Path(path).with_suffix(".jpg")))
+    write_csv(CROP_INDEX, written.assign(full_path=as_jpeg))
     metrics = {"input": len(records), "written": len(written), "skipped": dict(sorted(skipped.items()))}
-    write_json(METRICS, metrics)
-    with stage_run("crop", section, params["mlflow"]["experiment"]) as run:
-        run.log_metrics(metrics)
     print(f"crop: wrote {metrics['written']} of {metrics['input']} faces; skipped {metrics['skipped']}")
+    return metrics
 
 
 if __name__ == "__main__":

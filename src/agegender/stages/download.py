@@ -15,17 +15,12 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from agegender.datasets import DATASETS, mat_path, weights_source
-from agegender.errors import PipelineError, exits_cleanly
+from agegender.errors import PipelineError
 from agegender.face_descriptor import MODEL_FILES, check_model_files
 from agegender.fetch import download, extract, is_remote, local_path
 from agegender.files import write_json
-from agegender.params import load_params
-from agegender.tracking import stage_run
-
-DOWNLOADS = Path("data/downloads")
-RAW = Path("data/raw")
-WEIGHTS = Path("data/weights")
-METRICS = Path("metrics/download.json")
+from agegender.layout import DOWNLOADS, RAW, WEIGHTS
+from agegender.stage import stage
 
 
 def fetch(source, hint=None):
@@ -44,24 +39,21 @@ def download_data(params):
     dataset, url = params["data"]["dataset"], params["data"]["url"]
     spec = DATASETS[dataset]
     sources = [{"url": url}] if url else spec["archives"]
-    with stage_run("download_data", {"data": params["data"]}, params["mlflow"]["experiment"]) as run:
-        archives = [fetch(source, hint="or set data.url in params.yaml to a local copy") for source in sources]
-        extract(archives, RAW)
-        expected = mat_path(RAW, dataset)
-        if not expected.is_file():
-            raise PipelineError(
-                f"{', '.join(map(str, archives))} did not contain {spec['folder']}/{spec['mat']} "
-                f"(looked for {expected}): the archive is not the '{dataset}' dataset; check data.dataset and data.url."
-            )
-        metrics = {
-            "dataset": dataset,
-            "archives": len(archives),
-            "bytes": sum(archive.stat().st_size for archive in archives),
-            "files": sum(1 for path in RAW.rglob("*") if path.is_file()),
-        }
-        write_json(METRICS, metrics)
-        run.log_metrics(metrics)
-    return metrics
+    archives = [fetch(source, hint="or set data.url in params.yaml to a local copy") for source in sources]
+    extract(archives, RAW)
+    expected = mat_path(RAW, dataset)
+    if not expected.is_file():
+        raise PipelineError(
+            f"{', '.join(map(str, archives))} did not contain {spec['folder']}/{spec['mat']} "
+            f"(looked for {expected}): the archive is not the '{dataset}' dataset; check "
+            "data.dataset and data.url."
+        )
+    return {
+        "dataset": dataset,
+        "archives": len(archives),
+        "bytes": sum(archive.stat().st_size for archive in archives),
+        "files": sum(1 for path in RAW.rglob("*") if path.is_file()),
+    }
 
 
 def package_models_dir():
@@ -102,21 +94,19 @@ def fetch_face_models(source):
 
 def download_weights(params):
     backbone, weights = params["model"]["backbone"], params["model"]["weights"]
-    logged = {"model": params["model"], "train.input_size": params["train"]["input_size"]}
-    with stage_run("download_weights", logged, params["mlflow"]["experiment"]):
-        info = {"backbone": backbone, "weights": weights, "file": None, "md5": None}
-        if backbone == "dlib_resnet":
-            info = {"backbone": backbone, "face_models": params["model"]["face_models"],
-                    "files": fetch_face_models(params["model"]["face_models"])}
-        elif weights == "imagenet":
-            source = weights_source(backbone, params["train"]["input_size"])
-            cached = download(source["url"], DOWNLOADS / source["file"], md5=source["md5"])
-            WEIGHTS.mkdir(parents=True, exist_ok=True)
-            link_or_copy(cached, WEIGHTS / source["file"])
-            info.update(file=source["file"], md5=source["md5"])
-        elif weights != "none" and not Path(weights).is_file():
-            raise PipelineError(f"model.weights is '{weights}': no such file. Use imagenet, none or the path of a weights file.")
-        write_json(WEIGHTS / "weights.json", info)
+    info = {"backbone": backbone, "weights": weights, "file": None, "md5": None}
+    if backbone == "dlib_resnet":
+        info = {"backbone": backbone, "face_models": params["model"]["face_models"],
+                "files": fetch_face_models(params["model"]["face_models"])}
+    elif weights == "imagenet":
+        source = weights_source(backbone, params["train"]["input_size"])
+        cached = download(source["url"], DOWNLOADS / source["file"], md5=source["md5"])
+        WEIGHTS.mkdir(parents=True, exist_ok=True)
+        link_or_copy(cached, WEIGHTS / source["file"])
+        info.update(file=source["file"], md5=source["md5"])
+    elif weights != "none" and not Path(weights).is_file():
+        raise PipelineError(f"model.weights is '{weights}': no such file. Use imagenet, none or the path of a weights file.")
+    write_json(WEIGHTS / "weights.json", info)
     return info
 
 
@@ -129,16 +119,21 @@ def link_or_copy(source, dest):
         shutil.copyfile(source, dest)
 
 
-@exits_cleanly
+@stage("download_data")
+def data_stage(params, run):
+    return download_data(params)
+
+
+@stage("download_weights")
+def weights_stage(params, run):
+    download_weights(params)  # no metrics file: data/weights/weights.json says what came
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if argv not in (["data"], ["weights"]):
-        raise PipelineError("usage: python -m agegender.stages.download data|weights")
-    params = load_params()
-    if argv[0] == "data":
-        download_data(params)
-    else:
-        download_weights(params)
+        sys.exit("usage: python -m agegender.stages.download data|weights")
+    return (data_stage if argv[0] == "data" else weights_stage)()
 
 
 if __name__ == "__main__":

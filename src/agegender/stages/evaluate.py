@@ -1,7 +1,6 @@
 """Stage evaluate: the test split, reported as the reference design and the peers report,
 with figures (PNG) and a one-page report (metrics/report.md)."""
 import os
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -10,39 +9,28 @@ import pandas as pd
 
 from agegender import plots
 from agegender.data import image_dataset
-from agegender.errors import exits_cleanly
-from agegender.files import replace_atomically, write_csv, write_json
+from agegender.features import kept_rows, load_features, read_manifest
+from agegender.files import read_csv, replace_atomically, write_csv
+from agegender.inference import open_model, takes_descriptors
+from agegender.labels import GENDERS, expected_age
+from agegender.layout import (CROP_IMAGES, EXTERNAL_REPORT, FEATURES, FIGURES, HISTORY, MODEL,
+                              PREDICTIONS, REPORT, split_table)
 from agegender.metrics import (age_bin, age_metrics, bin_labels, bin_probabilities, constant_age_baselines,
                                gender_metrics, mean_age_baseline, per_age_bin, per_gender)
-from agegender.features import kept_rows, load_features, read_manifest
-from agegender.inference import GENDERS, open_model, takes_descriptors
-from agegender.params import load_params
 from agegender.report import build_report
-from agegender.tracking import stage_run
-
-SPLIT_DIR = Path("data/split")
-IMAGE_DIR = Path("data/crops/images")
-MODEL = Path("models/model.keras")
-HISTORY = Path("metrics/train_history.csv")
-METRICS = Path("metrics/evaluate.json")
-PREDICTIONS = Path("metrics/predictions.csv")
-EXTERNAL_REPORT = Path("metrics/external_report.md")  # written by evaluate_external, which runs first
-REPORT = Path("metrics/report.md")
-FIGURES = Path("metrics/figures")
-FEATURES = Path("data/features")
+from agegender.stage import stage
 
 
 def predictions_table(test, outputs, edges):
     """One row per test image, the columns DVC's confusion and scatter plots read."""
     labels = np.array(bin_labels(edges))
-    expected_age = outputs["age"] @ np.arange(outputs["age"].shape[1])
     return pd.DataFrame({
         "full_path": test["full_path"].to_numpy(),
         "gender_true": np.array(GENDERS)[test["gender"].to_numpy()],
         "gender_pred": np.array(GENDERS)[outputs["gender"].argmax(axis=1)],
         "gender_confidence": np.round(outputs["gender"].max(axis=1), 4),
         "age_true": test["age"].to_numpy(),
-        "age_pred": np.round(expected_age, 2),
+        "age_pred": np.round(expected_age(outputs["age"]), 2),
         "age_bin_true": labels[age_bin(test["age"].to_numpy(), edges)],
         "age_bin_pred": labels[bin_probabilities(outputs["age"], edges).argmax(axis=1)],
     })
@@ -67,13 +55,11 @@ def rounded(metrics):
             for key, value in metrics.items()}
 
 
-@exits_cleanly
-def main():
-    params = load_params()
+@stage("evaluate")
+def main(params, run):
     section = params["evaluate"]
     edges, cs_years = section["age_bins"], section["cs_years"]
-    train = pd.read_csv(SPLIT_DIR / "train.csv", keep_default_na=False, na_values=[""])
-    test = pd.read_csv(SPLIT_DIR / "test.csv", keep_default_na=False, na_values=[""])
+    train, test = read_csv(split_table("train")), read_csv(split_table("test"))
     split_size = len(test)
     model = open_model(MODEL)
     if takes_descriptors(model):  # the features stage cached the test faces' descriptors
@@ -81,7 +67,7 @@ def main():
         pairs = np.stack([load_features(FEATURES, "test"), load_features(FEATURES, "test_flipped")], axis=1)
         outputs = model.predict(pairs, batch_size=section["batch_size"], verbose=0)
     else:
-        outputs = model.predict(image_dataset(test, IMAGE_DIR, model.input_shape[1], section["batch_size"]), verbose=0)
+        outputs = model.predict(image_dataset(test, CROP_IMAGES, model.input_shape[1], section["batch_size"]), verbose=0)
     outputs = {task: np.asarray(values, dtype=np.float64) for task, values in outputs.items()}
 
     age = age_metrics(test["age"], outputs["age"], edges, cs_years)
@@ -103,19 +89,16 @@ def main():
     if EXTERNAL_REPORT.exists():
         report += "\n" + EXTERNAL_REPORT.read_text(encoding="utf8").replace("# External evaluation", "## External evaluation", 1)
 
-    write_json(METRICS, metrics)
     write_csv(PREDICTIONS, predictions)
     replace_atomically(REPORT, lambda tmp: tmp.write_text(report, encoding="utf8"))
-    with stage_run("evaluate", section, params["mlflow"]["experiment"]) as run:
-        run.log_metrics(metrics)
-        run.log_artifact(PREDICTIONS)
-        run.log_artifact(REPORT)
-        for path in figures.values():
-            run.log_artifact(path, artifact_path="figures")
+    run.log_headline_metrics({"test": metrics})
+    for path in [PREDICTIONS, REPORT, *figures.values()]:
+        run.log_artifact(path, artifact_path="figures" if path.suffix == ".png" else None)
     gender = metrics["gender"]
     print(f"evaluate: gender accuracy {gender['accuracy']:.4f} (majority {gender['majority_baseline']:.4f}), "
           f"age MAE {age['mae']:.2f} (mean baseline {age['mean_baseline_mae']:.2f}), "
           f"exact {age['exact_accuracy']:.4f}; report in {REPORT}")
+    return metrics
 
 
 if __name__ == "__main__":

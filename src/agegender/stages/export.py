@@ -16,18 +16,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from agegender.errors import PipelineError, exits_cleanly
-from agegender.files import replace_atomically, write_json
-from agegender.inference import WEIGHTS_DIR, open_model, takes_descriptors
-from agegender.model import TASKS
-from agegender.params import load_params
-from agegender.serving import float32_model, log_pyfunc
-from agegender.tracking import stage_run
-
-MODEL = Path("models/model.keras")
-SAVED_MODEL = Path("models/saved_model")
-TFLITE = Path("models/model.tflite")
-METRICS = Path("metrics/export.json")
+from agegender.errors import PipelineError
+from agegender.files import replace_atomically
+from agegender.inference import open_model, takes_descriptors
+from agegender.labels import TASKS
+from agegender.layout import MODEL, SAVED_MODEL, STAGE_METRICS, TFLITE, WEIGHTS
+from agegender.serving import float32_model, register_pyfunc
+from agegender.stage import stage
 CHECK_IMAGES = 4     # random inputs (images in [0, 255], or descriptors) both formats predict
 TOLERANCE = 1e-3     # largest difference in any output probability the export may show
 
@@ -92,9 +87,8 @@ def size_of(path):
     return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
 
 
-@exits_cleanly
-def main():
-    params = load_params()
+@stage("export")
+def main(params, run):
     seed = params["seed"]
     original = open_model(MODEL, hint="run `dvc repro train` first")
     model = float32_model(original)
@@ -112,30 +106,23 @@ def main():
             "tflite": differences(keras_outputs, tflite_predict(TFLITE, images, input_name(model))),
             "saved_model": differences(keras_outputs, {k: v.numpy() for k, v in saved_outputs.items()}),
         },
-        "size_bytes": {"keras": size_of(MODEL), "saved_model": size_of(SAVED_MODEL), "tflite": size_of(TFLITE)},
     }
-    write_json(METRICS, metrics)
+    sizes = {"keras": size_of(MODEL), "saved_model": size_of(SAVED_MODEL), "tflite": size_of(TFLITE)}
+    run.log_metrics({"size_bytes": sizes})  # SavedModel bytes differ run to run: not a DVC metric
     worst = max(max(values.values()) for values in metrics["max_abs_diff"].values())
     if worst > TOLERANCE:
-        raise PipelineError(f"the exported models disagree with Keras by up to {worst:.2g} in an output probability "
-                            f"(tolerance {TOLERANCE:g}); see {METRICS}.")
-
-    registered = f"{params['mlflow']['experiment']}-model"
-    logged = {"check_images": len(images), "seed": seed, "tolerance": TOLERANCE, "age_bins": params["evaluate"]["age_bins"],
-              "input_shape": list(model.input_shape[1:]), "registered_model": registered}
-    version = None
-    with stage_run("export", logged, params["mlflow"]["experiment"]) as run:
-        if run.active:
-            try:  # a tracking failure never costs the user the exported files
-                run.log_metrics(metrics)
-                run.log_artifact(TFLITE, artifact_path="tflite")
-                face_models = WEIGHTS_DIR if takes_descriptors(model) else None
-                version = log_pyfunc(MODEL, params, registered, face_models_dir=face_models).registered_model_version
-            except Exception as error:
-                warnings.warn(f"MLflow logging skipped for stage 'export': {error}")
-    registry = f", registered as {registered} version {version}" if version else ""
-    print(f"export: {SAVED_MODEL} and {TFLITE} ({metrics['size_bytes']['tflite'] / 1e6:.1f} MB), TFLite max difference "
-          f"gender {metrics['max_abs_diff']['tflite']['gender']:.1e}, age {metrics['max_abs_diff']['tflite']['age']:.1e}{registry}")
+        raise PipelineError(
+            f"the exported models disagree with Keras by up to {worst:.2g} in an output "
+            f"probability (tolerance {TOLERANCE:g}): {metrics['max_abs_diff']}. The files are "
+            f"in {SAVED_MODEL} and {TFLITE} for a look; {STAGE_METRICS['export']} is not updated."
+        )
+    run.log_artifact(TFLITE, artifact_path="tflite")
+    face_models = WEIGHTS if takes_descriptors(model) else None
+    registered = register_pyfunc(run, MODEL, params, face_models)
+    print(f"export: {SAVED_MODEL} and {TFLITE} ({sizes['tflite'] / 1e6:.1f} MB), TFLite max "
+          f"difference gender {metrics['max_abs_diff']['tflite']['gender']:.1e}, age "
+          f"{metrics['max_abs_diff']['tflite']['age']:.1e}{registered}")
+    return metrics
 
 
 if __name__ == "__main__":

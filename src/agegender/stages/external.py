@@ -2,26 +2,20 @@
 scored overall and by gender, age bin and ethnicity, so a bias the own test split hides shows."""
 import os
 from collections import Counter
-from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import numpy as np
 
 from agegender import external, plots
-from agegender.errors import PipelineError, exits_cleanly
-from agegender.files import replace_atomically, write_json
+from agegender.errors import PipelineError
+from agegender.files import replace_atomically
 from agegender.images import ImageSkip, load_rgb, reframe_crop
-from agegender.inference import WEIGHTS_DIR, Predictor
-from agegender.metrics import AGES
-from agegender.params import load_params
+from agegender.inference import Predictor
+from agegender.labels import AGES
+from agegender.layout import EXTERNAL_FIGURES, EXTERNAL_REPORT, MODEL, WEIGHTS
 from agegender.report import external_section
-from agegender.tracking import stage_run
-
-MODEL = Path("models/model.keras")
-METRICS = Path("metrics/external.json")
-REPORT = Path("metrics/external_report.md")
-FIGURES = Path("metrics/external_figures")
+from agegender.stage import stage
 
 
 def predict(predictor, paths, face_margin, crop, batch_size):
@@ -69,43 +63,41 @@ def evaluate_set(predictor, entry, params):
 def write_figures(name, metrics):
     """The set's PNGs, by title."""
     figures = {f"{name}: by age bin": plots.external_slices_png(external.slice_table(metrics["by_age_bin"]),
-                                                                FIGURES / f"{name}_age_bins.png",
+                                                                EXTERNAL_FIGURES / f"{name}_age_bins.png",
                                                                 f"{name}: by true age bin")}
     if "by_ethnicity" in metrics:
         figures[f"{name}: by ethnicity"] = plots.external_slices_png(external.slice_table(metrics["by_ethnicity"]),
-                                                                     FIGURES / f"{name}_ethnicity.png",
+                                                                     EXTERNAL_FIGURES / f"{name}_ethnicity.png",
                                                                      f"{name}: by ethnicity")
     return figures
 
 
-@exits_cleanly
-def main():
-    params = load_params()
+@stage("evaluate_external")
+def main(params, run):
     sets, cs_years = params["external"]["sets"], params["evaluate"]["cs_years"]
     external.check_sets(sets)
-    predictor = Predictor.load(MODEL, WEIGHTS_DIR, face_margin=params["crop"]["margin"],
+    predictor = Predictor.load(MODEL, WEIGHTS, face_margin=params["crop"]["margin"],
                                hint="run `dvc repro train` first", workers=os.cpu_count() or 1) if sets else None
     by_set = {entry["name"]: evaluate_set(predictor, entry, params) for entry in sets}
 
-    FIGURES.mkdir(parents=True, exist_ok=True)
-    for stale in FIGURES.glob("*.png"):  # figures of sets no longer configured
+    EXTERNAL_FIGURES.mkdir(parents=True, exist_ok=True)
+    for stale in EXTERNAL_FIGURES.glob("*.png"):  # figures of sets no longer configured
         stale.unlink()
     figures = {name: write_figures(name, metrics) for name, metrics in by_set.items()}
-    (FIGURES / "README.md").write_text("Figures of the evaluate_external stage, one or two per set of "
+    (EXTERNAL_FIGURES / "README.md").write_text("Figures of the evaluate_external stage, one or two per set of "
                                        "external.sets (none when no set is configured).\n")
-    links = {name: {title: path.relative_to(REPORT.parent).as_posix() for title, path in paths.items()}
+    links = {name: {title: path.relative_to(EXTERNAL_REPORT.parent).as_posix() for title, path in paths.items()}
              for name, paths in figures.items()}
     report = "# External evaluation\n\n" + external_section(by_set, links)
 
-    write_json(METRICS, {"sets": by_set})
-    replace_atomically(REPORT, lambda tmp: tmp.write_text(report, encoding="utf8"))
-    with stage_run("evaluate_external", params["external"], params["mlflow"]["experiment"]) as run:
-        run.log_metrics({name: external.headline(metrics, cs_years) for name, metrics in by_set.items()})
-        run.log_artifact(METRICS)
-        run.log_artifact(REPORT)
-        for paths in figures.values():
-            for path in paths.values():
-                run.log_artifact(path, artifact_path="figures/external")
+    replace_atomically(EXTERNAL_REPORT, lambda tmp: tmp.write_text(report, encoding="utf8"))
+    headlines = {name: external.headline(metrics, cs_years) for name, metrics in by_set.items()}
+    run.log_metrics(headlines)
+    run.log_headline_metrics({"external": headlines})
+    run.log_artifact(EXTERNAL_REPORT)
+    for paths in figures.values():
+        for path in paths.values():
+            run.log_artifact(path, artifact_path="figures/external")
     for name, metrics in by_set.items():
         age, group = metrics["age"], metrics.get("age_group")
         print(f"evaluate_external: {name}: {metrics['scored']}/{metrics['images']} scored, gender accuracy "
@@ -114,6 +106,7 @@ def main():
               + (f", age-group accuracy {group['accuracy']:.4f}" if group else ""))
     if not sets:
         print("evaluate_external: no sets configured (params external.sets); wrote empty results")
+    return {"sets": by_set}
 
 
 if __name__ == "__main__":

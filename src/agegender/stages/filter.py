@@ -3,18 +3,12 @@
 Whether an image file exists and decodes is not checked here but in crop, where images are
 read, so that an archive holding only the .mat can already be filtered and counted.
 """
-from pathlib import Path
-
 from agegender.datasets import mat_path
-from agegender.errors import PipelineError, exits_cleanly
-from agegender.files import write_csv, write_json
+from agegender.errors import PipelineError
+from agegender.files import write_csv
 from agegender.imdbwiki import apply_filter, read_mat
-from agegender.params import load_params
-from agegender.tracking import stage_run
-
-RAW_DIR = Path("data/raw")
-RECORDS = Path("data/filtered/records.csv")
-METRICS = Path("metrics/filter.json")
+from agegender.layout import RAW, RECORDS
+from agegender.stage import stage
 
 
 def filter_metrics(table, kept, removed):
@@ -28,11 +22,10 @@ def filter_metrics(table, kept, removed):
     }
 
 
-@exits_cleanly
-def main():
-    params = load_params()
+@stage("filter")
+def main(params, run):
     section = params["filter"]
-    mat = mat_path(RAW_DIR, params["data"]["dataset"])
+    mat = mat_path(RAW, params["data"]["dataset"])
     table = read_mat(mat)
     kept, removed = apply_filter(table, section)
     if kept.empty:
@@ -43,10 +36,9 @@ def main():
         )
     metrics = filter_metrics(table, kept, removed)
     write_csv(RECORDS, kept)
-    write_json(METRICS, metrics)
-    with stage_run("filter", section, params["mlflow"]["experiment"]) as run:
-        run.log_metrics(metrics)
-    print(f"filter: kept {metrics['kept']} of {metrics['total']} records ({metrics['male']} male, {metrics['female']} female)")
+    print(f"filter: kept {metrics['kept']} of {metrics['total']} records "
+          f"({metrics['male']} male, {metrics['female']} female)")
+    return metrics
 
 
 if __name__ == "__main__":

@@ -3,20 +3,12 @@
 Peers split images at random, so the same celebrity sits in train and test and their figures
 are inflated; here every identity (celeb_id, else name) lands in exactly one split.
 """
-from pathlib import Path
-
 import numpy as np
-import pandas as pd
 
-from agegender.errors import PipelineError, exits_cleanly
-from agegender.files import write_csv, write_json
-from agegender.params import load_params
-from agegender.tracking import stage_run
-
-INDEX = Path("data/crops/index.csv")
-OUT_DIR = Path("data/split")
-METRICS = Path("metrics/split.json")
-SPLITS = ("train", "val", "test")
+from agegender.errors import PipelineError
+from agegender.files import read_csv, write_csv
+from agegender.layout import CROP_INDEX, SPLITS, split_table
+from agegender.stage import stage
 
 
 def identity_strata(records, age_bin_width):
@@ -54,26 +46,23 @@ def split_metrics(parts):
     return metrics
 
 
-@exits_cleanly
-def main():
-    params = load_params()
+@stage("split")
+def main(params, run):
     section = params["split"]
-    records = pd.read_csv(INDEX, keep_default_na=False, na_values=[""])
+    records = read_csv(CROP_INDEX)
     split_of = assign_splits(records, section, section["age_bin_width"], params["seed"])
     parts = {name: records[split_of == name].sort_values("full_path") for name in SPLITS}
     empty = [name for name, part in parts.items() if part.empty]
     if empty:
         raise PipelineError(
-            f"split {', '.join(empty)} is empty: {len(records)} images in {INDEX} are too few for the fractions "
+            f"split {', '.join(empty)} is empty: {len(records)} images in {CROP_INDEX} are too few for the fractions "
             f"{[section[name] for name in SPLITS]}. Use more data (filter.limit) or larger fractions."
         )
     for name, part in parts.items():
-        write_csv(OUT_DIR / f"{name}.csv", part)
+        write_csv(split_table(name), part)
     metrics = split_metrics(parts)
-    write_json(METRICS, metrics)
-    with stage_run("split", {**section, "seed": params["seed"]}, params["mlflow"]["experiment"]) as run:
-        run.log_metrics(metrics)
     print("split: " + ", ".join(f"{name} {metrics[name]['images']}" for name in SPLITS))
+    return metrics
 
 
 if __name__ == "__main__":

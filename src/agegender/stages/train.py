@@ -14,7 +14,8 @@ import numpy as np
 import pandas as pd
 
 from agegender import devices
-from agegender.data import image_dataset, labels_of
+from agegender.data import image_dataset
+from agegender.labels import one_hot
 from agegender.errors import exits_cleanly
 from agegender.features import (EpochSync, FeatureBatches, gender_class_weights, gender_sample_weights, kept_rows,
                                 load_features, read_manifest)
@@ -31,10 +32,6 @@ MODEL = Path("models/model.keras")
 HISTORY = Path("metrics/train_history.csv")
 METRICS = Path("metrics/train.json")
 BACKUP = Path("data/train_backup")  # not a DVC output, so it survives a killed run
-
-
-def one_hot(table):
-    return {task: keras.utils.to_categorical(values, TASKS[task]).astype(np.float32) for task, values in labels_of(table).items()}
 
 
 def train_head(networks, section, seed, train, val, setup, callbacks, first_epoch):
