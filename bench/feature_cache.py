@@ -15,6 +15,7 @@ Run from the repository root with the venv active:
 
     python bench/feature_cache.py [--images 1024] [--size 64] [--batch 32] [--epochs 2]
 """
+
 import argparse
 import os
 import time
@@ -63,35 +64,68 @@ def main():
     args = parser.parse_args()
 
     os.chdir(REPO)
-    section = {**yaml.safe_load(Path("params.yaml").read_text())["train"], "lr_schedule": "constant"}
-    table = pd.read_csv("data/split/train.csv", keep_default_na=False, na_values=[""]).head(args.images)
-    one_hot = {task: keras.utils.to_categorical(v, TASKS[task]).astype(np.float32) for task, v in labels_of(table).items()}
+    section = {
+        **yaml.safe_load(Path("params.yaml").read_text())["train"],
+        "lr_schedule": "constant",
+    }
+    table = pd.read_csv("data/split/train.csv", keep_default_na=False, na_values=[""]).head(
+        args.images
+    )
+    one_hot = {
+        task: keras.utils.to_categorical(v, TASKS[task]).astype(np.float32)
+        for task, v in labels_of(table).items()
+    }
     keras.utils.set_random_seed(0)
-    net = build_networks(args.size, backbone="vgg16", weights_file=None, trainable_layers=0,
-                         head_units=section["head_units"], dropout=section["dropout"], seed=0)
+    net = build_networks(
+        args.size,
+        backbone="vgg16",
+        weights_file=None,
+        trainable_layers=0,
+        head_units=section["head_units"],
+        dropout=section["dropout"],
+        seed=0,
+    )
 
     started = time.perf_counter()
-    features = net.feature_extractor.predict(image_dataset(table, "data/crops/images", args.size, 64), verbose=0)
+    features = net.feature_extractor.predict(
+        image_dataset(table, "data/crops/images", args.size, 64), verbose=0
+    )
     cache_seconds = time.perf_counter() - started
 
-    ones = {task: np.ones(len(table), dtype=np.float32) for task in TASKS}  # the train stage always passes weights
+    # the train stage always passes weights
+    ones = {task: np.ones(len(table), dtype=np.float32) for task in TASKS}
     batches = FeatureBatches(features, one_hot, ones, args.batch, seed=0)
-    compile_for_training(net.head_model, section, section["lr"], len(batches), args.epochs + 1, False)
+    compile_for_training(
+        net.head_model, section, section["lr"], len(batches), args.epochs + 1, False
+    )
     cached = timed_fit(net.head_model, batches, args.epochs)
 
-    images = image_dataset(table, "data/crops/images", args.size, args.batch, shuffle_seed=0, cache=True)
-    compile_for_training(net.image_model, section, section["lr"], len(images), args.epochs + 1, False)
+    images = image_dataset(
+        table, "data/crops/images", args.size, args.batch, shuffle_seed=0, cache=True
+    )
+    compile_for_training(
+        net.image_model, section, section["lr"], len(images), args.epochs + 1, False
+    )
     uncached = timed_fit(net.image_model, images, args.epochs)
 
     per_cached, per_images = float(np.mean(cached)), float(np.mean(uncached))
-    print(f"{len(table)} images, {args.size} px, VGG16 (random weights) frozen, batch {args.batch}, "
-          f"features {tuple(features.shape[1:])}, {args.epochs} timed epochs after 1 warm-up")
+    print(
+        f"{len(table)} images, {args.size} px, VGG16 (random weights) frozen, batch {args.batch}, "
+        f"features {tuple(features.shape[1:])}, {args.epochs} timed epochs after 1 warm-up"
+    )
     print(f"{'method':<40}{'s/epoch':>10}{'images/s':>12}")
-    print(f"{'cached features (head_model.fit)':<40}{per_cached:>10.3f}{len(table) / per_cached:>12.0f}")
-    print(f"{'frozen base every epoch (image_model)':<40}{per_images:>10.3f}{len(table) / per_images:>12.0f}")
-    print(f"{'one-off feature cache (predict)':<40}{cache_seconds:>10.3f}{len(table) / cache_seconds:>12.0f}")
-    print(f"speed-up per epoch: {per_images / per_cached:.1f}x; "
-          f"the cache pays for itself after {cache_seconds / max(per_images - per_cached, 1e-9):.2f} epochs")
+    rows = [
+        ("cached features (head_model.fit)", per_cached),
+        ("frozen base every epoch (image_model)", per_images),
+        ("one-off feature cache (predict)", cache_seconds),
+    ]
+    for label, seconds in rows:
+        print(f"{label:<40}{seconds:>10.3f}{len(table) / seconds:>12.0f}")
+    break_even = cache_seconds / max(per_images - per_cached, 1e-9)
+    print(
+        f"speed-up per epoch: {per_images / per_cached:.1f}x; "
+        f"the cache pays for itself after {break_even:.2f} epochs"
+    )
 
 
 if __name__ == "__main__":

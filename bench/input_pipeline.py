@@ -16,6 +16,7 @@ Run from the repository root with the venv active:
 
     python bench/input_pipeline.py [--size 64] [--batch 64] [--repeat 3]
 """
+
 import argparse
 import os
 import time
@@ -38,9 +39,17 @@ def pillow_batches(table, size, batch):
     paths = [IMAGE_DIR / path for path in table["full_path"]]
     labels = labels_of(table)
     for start in range(0, len(paths), batch):
-        images = [np.asarray(Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32)
-                  for path in paths[start:start + batch]]
-        one_hot = {task: np.eye(TASKS[task], dtype=np.float32)[values[start:start + batch]] for task, values in labels.items()}
+        images = [
+            np.asarray(
+                Image.open(path).convert("RGB").resize((size, size), Image.BILINEAR),
+                dtype=np.float32,
+            )
+            for path in paths[start : start + batch]
+        ]
+        one_hot = {
+            task: np.eye(TASKS[task], dtype=np.float32)[values[start : start + batch]]
+            for task, values in labels.items()
+        }
         yield np.stack(images), one_hot
 
 
@@ -55,7 +64,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--repeat", type=int, default=3, help="rounds of all three; medians reported")
+    parser.add_argument(
+        "--repeat", type=int, default=3, help="rounds of all three; medians reported"
+    )
     args = parser.parse_args()
 
     os.chdir(REPO)
@@ -69,18 +80,27 @@ def main():
         dataset = image_dataset(table, IMAGE_DIR, args.size, args.batch, cache=True)
         runs["first"].append(timed_pass(dataset))
         runs["second"].append(timed_pass(dataset))
-    median = {key: (values[0][0], float(np.median([seconds for _, seconds in values]))) for key, values in runs.items()}
+    median = {
+        key: (values[0][0], float(np.median([seconds for _, seconds in values])))
+        for key, values in runs.items()
+    }
     pillow, first, second = median["pillow"], median["first"], median["second"]
 
-    rate = {name: count / seconds for name, (count, seconds) in
-            {"pillow": pillow, "first": first, "second": second}.items()}
-    print(f"{len(table)} images ({args.size} px JPEG crops resized to {args.size} px), batch {args.batch}, "
-          f"{os.cpu_count()} CPU cores, median of {args.repeat} rounds")
+    rate = {
+        name: count / seconds
+        for name, (count, seconds) in {"pillow": pillow, "first": first, "second": second}.items()
+    }
+    print(
+        f"{len(table)} images ({args.size} px JPEG crops resized to {args.size} px), "
+        f"batch {args.batch}, {os.cpu_count()} CPU cores, median of {args.repeat} rounds"
+    )
     print(f"{'method':<44}{'seconds':>9}{'images/s':>11}{'vs pillow':>11}")
-    rows = [("plain Pillow generator", pillow, "pillow"),
-            ("tf.data image_dataset, pass 1 (decode)", first, "first"),
-            ("tf.data image_dataset, pass 2 (cache=True)", second, "second")]
-    for label, (count, seconds), key in rows:
+    rows = [
+        ("plain Pillow generator", pillow, "pillow"),
+        ("tf.data image_dataset, pass 1 (decode)", first, "first"),
+        ("tf.data image_dataset, pass 2 (cache=True)", second, "second"),
+    ]
+    for label, (_count, seconds), key in rows:
         print(f"{label:<44}{seconds:>9.3f}{rate[key]:>11.0f}{rate[key] / rate['pillow']:>10.2f}x")
 
 

@@ -16,6 +16,7 @@ stripped as in tests/test_pipeline.py. Run from anywhere with the venv active:
 
     python bench/sweep.py [--epochs 3] [--keep]
 """
+
 import argparse
 import os
 import re
@@ -50,8 +51,13 @@ def stages_run(out):
 
 def copy_repo(target):
     """The project's files as a clone has them: outputs of dvc.yaml stages are left out."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     outs = []
     for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
         for entry in stage.get("outs", []) + stage.get("metrics", []):
@@ -59,7 +65,10 @@ def copy_repo(target):
             if out.startswith("data/"):  # data outputs; small metric files stay as git has them
                 outs.append(out.rstrip("/"))
     for name in listed:
-        if any(name == out or name.startswith(out + "/") for out in outs) or not (REPO / name).is_file():
+        if (
+            any(name == out or name.startswith(out + "/") for out in outs)
+            or not (REPO / name).is_file()
+        ):
             continue
         (target / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(REPO / name, target / name)
@@ -74,15 +83,25 @@ def main():
     temp = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
     repo, log = temp / "repo", temp / "dvc.log"
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(GIT_AUTHOR_NAME="b", GIT_AUTHOR_EMAIL="b@b", GIT_COMMITTER_NAME="b", GIT_COMMITTER_EMAIL="b@b",
-               PATH=f"{BIN}:{env.get('PATH', '')}", PYTHONPATH=str(repo / "src"))
+    env.update(
+        GIT_AUTHOR_NAME="b",
+        GIT_AUTHOR_EMAIL="b@b",
+        GIT_COMMITTER_NAME="b",
+        GIT_COMMITTER_EMAIL="b@b",
+        PATH=f"{BIN}:{env.get('PATH', '')}",
+        PYTHONPATH=str(repo / "src"),
+    )
     finished = False
     try:
         copy_repo(repo)
         params = yaml.safe_load((repo / "params.yaml").read_text())
         params["train"]["epochs"] = args.epochs
         (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-        for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "bench baseline"]):
+        for command in (
+            ["git", "init", "-q"],
+            ["git", "add", "-A"],
+            ["git", "commit", "-qm", "bench baseline"],
+        ):
             run(command, repo, env, log)
         print(f"copy in {repo}; log {log}; train.epochs={args.epochs}", flush=True)
 
@@ -100,9 +119,14 @@ def main():
         out_b, from_crop = run(full, repo, env, log)
 
         print(f"\n{'run':<48}{'wall s':>9}  stages run")
-        print(f"{'(a) ' + ' '.join(experiment):<48}{head_only:>9.1f}  {', '.join(stages_run(out_a))}")
+        print(
+            f"{'(a) ' + ' '.join(experiment):<48}{head_only:>9.1f}  {', '.join(stages_run(out_a))}"
+        )
         print(f"{'(b) ' + ' '.join(full):<48}{from_crop:>9.1f}  {', '.join(stages_run(out_b))}")
-        print(f"ratio (b)/(a): {from_crop / head_only:.2f}x  (warm-up dvc repro, all stages: {warmup:.1f} s)")
+        print(
+            f"ratio (b)/(a): {from_crop / head_only:.2f}x  "
+            f"(warm-up dvc repro, all stages: {warmup:.1f} s)"
+        )
         finished = True
     finally:
         if args.keep or not finished:  # a failed run keeps its copy and log

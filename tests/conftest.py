@@ -1,5 +1,6 @@
 """Fixtures shared by the tests: a loopback HTTP server, a scratch project, a scratch git copy
 of the repository, the real data."""
+
 import os
 import shutil
 import subprocess
@@ -63,7 +64,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         cut = server.cut_first.pop(path, None)
-        self.wfile.write(body[start:] if cut is None else body[start:start + cut])
+        self.wfile.write(body[start:] if cut is None else body[start : start + cut])
         self.wfile.flush()
 
     def log_message(self, *args):
@@ -107,14 +108,13 @@ def project(tmp_path, monkeypatch, tracking_uri):
     return set_params
 
 
-
-
 SAMPLE_ARCHIVE = REPO / "data" / "sample" / "wiki_crop_sample.tar.gz"
 
 
 @pytest.fixture(scope="session")
 def sample_dir(tmp_path_factory):
-    """The bundled real sample, unpacked once: `<dir>/wiki_crop/wiki.mat` and `<dir>/wiki_crop/9x/*.jpg`."""
+    """The bundled real sample, unpacked once: `<dir>/wiki_crop/wiki.mat` and
+    `<dir>/wiki_crop/9x/*.jpg`."""
     import tarfile
 
     root = tmp_path_factory.mktemp("sample")
@@ -139,15 +139,25 @@ def set_params(repo, changes):
 @pytest.fixture
 def repo(tmp_path):
     """A fresh git repository holding the project's tracked and new files, as a clone would."""
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO,
-                            capture_output=True, text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     target = tmp_path / "repo"
     for name in listed:
         if (REPO / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / name, target / name)
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@t", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@t")
+    env.update(
+        GIT_AUTHOR_NAME="t",
+        GIT_AUTHOR_EMAIL="t@t",
+        GIT_COMMITTER_NAME="t",
+        GIT_COMMITTER_EMAIL="t@t",
+    )
     run(["git", "init", "-q"], target, env)
     return target, env
 

@@ -1,4 +1,5 @@
 """agegender.stages.crop: one square face image per record, skips counted by reason."""
+
 import shutil
 from pathlib import Path
 
@@ -30,7 +31,9 @@ def crop_archive(tmp_path, sample_dir):
     """A wiki_crop-like folder: real faces from the bundled sample, plus a missing, a corrupt
     and a tiny image. Returns (folder, records table)."""
     source = tmp_path / "wiki_crop"
-    faces = sorted(p.relative_to(sample_dir).as_posix() for p in (sample_dir / "90").glob("*.jpg"))[:FACES]
+    faces = sorted(p.relative_to(sample_dir).as_posix() for p in (sample_dir / "90").glob("*.jpg"))[
+        :FACES
+    ]
     for path in faces:
         (source / path).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(sample_dir / path, source / path)
@@ -81,10 +84,14 @@ def test_none_resizes_the_whole_image(tmp_path):
     pixels[:, :50] = (255, 0, 0)
     pixels[:, 50:] = (0, 0, 255)
     Image.fromarray(pixels).save(source / "wide.png")
-    assert crop_record(record("wide.png"), source, tmp_path / "out", settings(method="none", size=20)) is None
+    assert (
+        crop_record(record("wide.png"), source, tmp_path / "out", settings(method="none", size=20))
+        is None
+    )
     result = np.asarray(Image.open(tmp_path / "out/wide.jpg")).astype(int)
     assert result.shape == (20, 20, 3)
-    assert result[:, :8, 0].min() > 200 and result[:, :8, 2].max() < 60   # nothing cut: red on the left
+    # nothing cut: red on the left
+    assert result[:, :8, 0].min() > 200 and result[:, :8, 2].max() < 60
     assert result[:, 12:, 2].min() > 200 and result[:, 12:, 0].max() < 60  # blue on the right
 
 
@@ -95,12 +102,18 @@ def test_full_image_dataset_crops_the_records_box(tmp_path):
     pixels[40:100, 60:120] = 255  # the face: x 60..120, y 40..100
     Image.fromarray(pixels).save(source / "full.png")
     row = record("full.png", box=(60, 40, 120, 100))
-    assert crop_record(row, source, tmp_path / "out", settings(from_crop_archive=False, margin=0.0)) is None
+    assert (
+        crop_record(row, source, tmp_path / "out", settings(from_crop_archive=False, margin=0.0))
+        is None
+    )
     result = np.asarray(Image.open(tmp_path / "out/full.jpg").convert("L")).astype(int)
     assert (result > 200).mean() > 0.95
 
     # with margin 0.5 the face fills the middle half of each side
-    assert crop_record(row, source, tmp_path / "wide", settings(from_crop_archive=False, margin=0.5)) is None
+    assert (
+        crop_record(row, source, tmp_path / "wide", settings(from_crop_archive=False, margin=0.5))
+        is None
+    )
     result = np.asarray(Image.open(tmp_path / "wide/full.jpg").convert("L")).astype(int)
     assert result[10:22, 10:22].min() > 200
     assert result[:5].max() < 40 and result[-5:].max() < 40
@@ -112,7 +125,12 @@ def test_full_image_box_beyond_the_border_is_padded_black(tmp_path):
     source.mkdir()
     Image.new("RGB", (100, 100), (255, 255, 255)).save(source / "edge.png")
     row = record("edge.png", box=(50, 50, 150, 150))
-    assert crop_record(row, source, tmp_path / "out", settings(from_crop_archive=False, margin=0.0, size=20)) is None
+    assert (
+        crop_record(
+            row, source, tmp_path / "out", settings(from_crop_archive=False, margin=0.0, size=20)
+        )
+        is None
+    )
     result = np.asarray(Image.open(tmp_path / "out/edge.jpg").convert("L")).astype(int)
     assert result[:8, :8].min() > 200 and result[12:, 12:].max() < 40
 
@@ -132,7 +150,8 @@ def test_stage_with_no_image_written_exits_with_one_paragraph(project, capsys):
     project()
     Path("data/filtered").mkdir(parents=True)
     pd.DataFrame([record("90/gone.jpg")] * 2).assign(gender=1, age=30, identity="x").to_csv(
-        "data/filtered/records.csv", index=False)
+        "data/filtered/records.csv", index=False
+    )
     with pytest.raises(SystemExit) as caught:
         crop.main()
     assert caught.value.code == 1
@@ -159,5 +178,8 @@ def test_mtcnn_finds_grace_hopper(tmp_path):
 
 def test_mtcnn_without_a_face(tmp_path):
     Image.new("RGB", (200, 200), (128, 128, 128)).save(tmp_path / "gray.jpg")
-    assert crop_record(record("gray.jpg"), tmp_path, tmp_path / "out", settings(method="mtcnn")) == "no_face"
+    assert (
+        crop_record(record("gray.jpg"), tmp_path, tmp_path / "out", settings(method="mtcnn"))
+        == "no_face"
+    )
     assert not (tmp_path / "out").exists()

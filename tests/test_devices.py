@@ -1,4 +1,5 @@
 """agegender.devices: auto settings, who writes in a cluster, and the CPU set-up."""
+
 import json
 
 import pytest
@@ -21,23 +22,53 @@ def restore_globals():
         tf_config.disable_op_determinism()
 
 
-@pytest.mark.parametrize("setting, gpus, expected", [
-    ("auto", [], False),
-    ("auto", ["GPU:0"], True),
-    (True, [], True),
-    (False, ["GPU:0"], False),
-])
+@pytest.mark.parametrize(
+    "setting, gpus, expected",
+    [
+        ("auto", [], False),
+        ("auto", ["GPU:0"], True),
+        (True, [], True),
+        (False, ["GPU:0"], False),
+    ],
+)
 def test_resolve(setting, gpus, expected):
     assert devices.resolve(setting, gpus) is expected
 
 
-@pytest.mark.parametrize("config, chief", [
-    (None, True),
-    ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}}, True),
-    ({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"type": "worker", "index": 1}}, False),
-    ({"cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]}, "task": {"type": "worker", "index": 0}}, False),
-    ({"cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]}, "task": {"type": "chief", "index": 0}}, True),
-])
+@pytest.mark.parametrize(
+    "config, chief",
+    [
+        (None, True),
+        (
+            {
+                "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                "task": {"type": "worker", "index": 0},
+            },
+            True,
+        ),
+        (
+            {
+                "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
+                "task": {"type": "worker", "index": 1},
+            },
+            False,
+        ),
+        (
+            {
+                "cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
+                "task": {"type": "worker", "index": 0},
+            },
+            False,
+        ),
+        (
+            {
+                "cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
+                "task": {"type": "chief", "index": 0},
+            },
+            True,
+        ),
+    ],
+)
 def test_only_the_chief_writes(monkeypatch, config, chief):
     if config is None:
         monkeypatch.delenv("TF_CONFIG", raising=False)
@@ -59,6 +90,10 @@ def test_cpu_only_setup(monkeypatch, restore_globals):
     monkeypatch.delenv("TF_CONFIG", raising=False)
     setup = devices.configure("auto", "auto", True)
     assert {key: setup[key] for key in ("gpus", "replicas", "mixed_precision", "jit_compile")} == {
-        "gpus": 0, "replicas": 1, "mixed_precision": False, "jit_compile": False}
+        "gpus": 0,
+        "replicas": 1,
+        "mixed_precision": False,
+        "jit_compile": False,
+    }
     assert keras.mixed_precision.global_policy().name == "float32"
     assert setup["strategy"].num_replicas_in_sync == 1

@@ -1,4 +1,5 @@
 """The download stage end to end on tiny archives, served over HTTP on loopback."""
+
 import bz2
 import io
 import json
@@ -95,8 +96,13 @@ def test_cli_offline_prints_one_paragraph(project, tmp_path):
         closed_port = sock.getsockname()[1]
     project(data={"dataset": "wiki_crop", "url": f"http://127.0.0.1:{closed_port}/wiki_crop.tar"})
     env = {**os.environ, "PYTHONPATH": str(REPO / "src")}
-    result = subprocess.run([sys.executable, "-m", "agegender.stages.download", "data"],
-                            cwd=tmp_path, env=env, capture_output=True, text=True)
+    result = subprocess.run(
+        [sys.executable, "-m", "agegender.stages.download", "data"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 1
     assert "by hand" in result.stderr and "Traceback" not in result.stderr
 
@@ -124,9 +130,15 @@ def keras_weights(backbone):
     base = getattr(module, base_attr)
     top_md5, notop_md5 = module.WEIGHTS_HASHES[key]
     names = {
-        "resnet50": (f"{key}_weights_tf_dim_ordering_tf_kernels.h5", f"{key}_weights_tf_dim_ordering_tf_kernels_notop.h5"),
+        "resnet50": (
+            f"{key}_weights_tf_dim_ordering_tf_kernels.h5",
+            f"{key}_weights_tf_dim_ordering_tf_kernels_notop.h5",
+        ),
         "efficientnetb0": ("efficientnetb0.h5", "efficientnetb0_notop.h5"),
-        "mobilenetv3small": (f"weights_mobilenet_v3_{key}.h5", f"weights_mobilenet_v3_{key}_no_top_v2.h5"),
+        "mobilenetv3small": (
+            f"weights_mobilenet_v3_{key}.h5",
+            f"weights_mobilenet_v3_{key}_no_top_v2.h5",
+        ),
     }[backbone]
     return (base + names[0], top_md5), (base + names[1], notop_md5)
 
@@ -152,7 +164,10 @@ def test_every_keras_backbone_of_params_has_a_keras_source():
 def test_only_vgg16_at_224_uses_the_top_file(backbone, size):
     source = datasets.weights_source(backbone, size)
     variant = "top" if backbone == "vgg16" and size == 224 else "notop"
-    assert source == {**datasets.WEIGHTS[backbone][variant], "file": source["url"].rsplit("/", 1)[-1]}
+    assert source == {
+        **datasets.WEIGHTS[backbone][variant],
+        "file": source["url"].rsplit("/", 1)[-1],
+    }
     assert source["file"].endswith(".h5") and "/" not in source["file"]
 
 
@@ -176,10 +191,14 @@ def test_face_models_from_the_installed_package(project, dlib_files):
 def test_face_models_over_http_as_published_bz2(project, server, dlib_files):
     for name, path in dlib_files.items():
         server.files[f"/files/{name}.bz2"] = bz2.compress(path.read_bytes(), compresslevel=1)
-    download_weights(project(model={"backbone": "dlib_resnet", "face_models": server.url("/files/")}))
+    download_weights(
+        project(model={"backbone": "dlib_resnet", "face_models": server.url("/files/")})
+    )
     for name, path in dlib_files.items():
         assert Path("data/weights", name).read_bytes() == path.read_bytes()
-    assert sorted(request for request, _ in server.requests) == sorted(f"/files/{n}.bz2" for n in dlib_files)
+    assert sorted(request for request, _ in server.requests) == sorted(
+        f"/files/{n}.bz2" for n in dlib_files
+    )
 
 
 def test_face_models_folder_without_the_files_names_them(project, tmp_path):

@@ -9,6 +9,7 @@ functions, relative ones too), followed transitively through the modules of the 
 package's `__init__.py` counts only when it holds more than a docstring. Imports made by name at
 run time (importlib) are not seen.
 """
+
 import ast
 import re
 
@@ -136,6 +137,10 @@ def test_a_module_missing_from_deps_is_reported(tmp_path):
         "but dvc.yaml does not list it in deps; add it",
         "stage 'run' lists src/agegender/unused.py in deps but no longer imports it; remove it",
     ]
-    stage["deps"] = ["src/agegender/stages/run.py", "src/agegender/helper.py",
-                     "src/agegender/stages/__init__.py", "data/raw"]
+    stage["deps"] = [
+        "src/agegender/stages/run.py",
+        "src/agegender/helper.py",
+        "src/agegender/stages/__init__.py",
+        "data/raw",
+    ]
     assert dep_problems("run", stage, tmp_path) == []

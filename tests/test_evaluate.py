@@ -1,6 +1,7 @@
 """The evaluate stage end to end: a tiny saved model (VGG16 at 32 px, untrained) on real sample
 faces writes the metrics, predictions, report and figures, the same again on a re-run, and logs
 the figures and report to MLflow."""
+
 import json
 import os
 import re
@@ -14,8 +15,13 @@ import pytest
 from agegender.stages import evaluate
 
 TEST_IMAGES = 12
-FIGURES = {"gender_confusion.png": (640, 480), "age_bin_confusion.png": (640, 480), "age_scatter.png": (640, 480),
-           "age_bin_mae.png": (640, 480), "training_curves.png": (960, 640)}
+FIGURES = {
+    "gender_confusion.png": (640, 480),
+    "age_bin_confusion.png": (640, 480),
+    "age_scatter.png": (640, 480),
+    "age_bin_mae.png": (640, 480),
+    "training_curves.png": (960, 640),
+}
 
 
 @pytest.fixture(scope="module")
@@ -28,9 +34,15 @@ def tiny_model(tmp_path_factory):
 
 
 def split_table(paths):
-    """Rows as the split stage writes them; ages from the file names (<id>_<born>_<photo year>.jpg)."""
-    ages = [int(re.search(r"_(\d{4})\.jpg$", p).group(1)) - int(re.search(r"_(\d{4})-", p).group(1)) for p in paths]
-    return pd.DataFrame({"full_path": paths, "gender": [i % 2 for i in range(len(paths))], "age": ages})
+    """Rows as the split stage writes them; ages from the file names
+    (<id>_<born>_<photo year>.jpg)."""
+    ages = [
+        int(re.search(r"_(\d{4})\.jpg$", p).group(1)) - int(re.search(r"_(\d{4})-", p).group(1))
+        for p in paths
+    ]
+    return pd.DataFrame(
+        {"full_path": paths, "gender": [i % 2 for i in range(len(paths))], "age": ages}
+    )
 
 
 @pytest.fixture
@@ -40,15 +52,22 @@ def stage_inputs(project, tiny_model, sample_dir, monkeypatch):
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"evaluate-test-{id(monkeypatch)}")
     paths = sorted(p.relative_to(sample_dir).as_posix() for p in (sample_dir / "90").glob("*.jpg"))
     Path("data/split").mkdir(parents=True)
-    split_table(paths[TEST_IMAGES:TEST_IMAGES + 40]).to_csv("data/split/train.csv", index=False)
+    split_table(paths[TEST_IMAGES : TEST_IMAGES + 40]).to_csv("data/split/train.csv", index=False)
     split_table(paths[:TEST_IMAGES]).to_csv("data/split/test.csv", index=False)
     Path("data/crops").mkdir(parents=True)
     Path("data/crops/images").symlink_to(sample_dir)
     Path("models").mkdir()
     shutil.copy(tiny_model, "models/model.keras")
     Path("metrics").mkdir()
-    pd.DataFrame({"epoch": [0, 1], "loss": [5.0, 4.5], "val_loss": [5.1, 4.9],
-                  "gender_accuracy": [0.6, 0.7], "val_gender_accuracy": [0.55, 0.6]}).to_csv("metrics/train_history.csv", index=False)
+    pd.DataFrame(
+        {
+            "epoch": [0, 1],
+            "loss": [5.0, 4.5],
+            "val_loss": [5.1, 4.9],
+            "gender_accuracy": [0.6, 0.7],
+            "val_gender_accuracy": [0.55, 0.6],
+        }
+    ).to_csv("metrics/train_history.csv", index=False)
     return Path.cwd()
 
 
@@ -64,8 +83,16 @@ def test_evaluate_writes_report_figures_and_logs_them(stage_inputs):
     evaluate.main()
     metrics = json.loads(Path("metrics/evaluate.json").read_text())
     assert metrics["test_images"] == TEST_IMAGES
-    assert set(metrics["age"]) >= {"mae", "cs5", "exact_accuracy", "bin_accuracy", "mean_baseline_mae",
-                                   "mean_baseline_cs5", "mode_baseline_exact", "majority_bin_baseline"}
+    assert set(metrics["age"]) >= {
+        "mae",
+        "cs5",
+        "exact_accuracy",
+        "bin_accuracy",
+        "mean_baseline_mae",
+        "mean_baseline_cs5",
+        "mode_baseline_exact",
+        "majority_bin_baseline",
+    }
     predictions = pd.read_csv("metrics/predictions.csv")
     assert len(predictions) == TEST_IMAGES
     assert predictions["gender_confidence"].between(0.5, 1).all()
@@ -77,18 +104,28 @@ def test_evaluate_writes_report_figures_and_logs_them(stage_inputs):
 
     report = Path("metrics/report.md").read_text()
     assert f"Test split: {TEST_IMAGES} images" in report
-    assert f"| Gender accuracy | {metrics['gender']['accuracy']:.2%} | {metrics['gender']['majority_baseline']:.2%}" in report
-    worst = predictions.assign(error=(predictions.age_pred - predictions.age_true).abs()).nlargest(1, "error")
+    assert (
+        f"| Gender accuracy | {metrics['gender']['accuracy']:.2%} "
+        f"| {metrics['gender']['majority_baseline']:.2%}" in report
+    )
+    worst = predictions.assign(error=(predictions.age_pred - predictions.age_true).abs()).nlargest(
+        1, "error"
+    )
     assert f"`{worst.full_path.iloc[0]}`" in report.split("## Largest age errors")[1]
     for name in FIGURES:
         assert f"(figures/{name})" in report
 
-    run = mlflow.search_runs(experiment_names=[os.environ["MLFLOW_EXPERIMENT_NAME"]],
-                             filter_string="tags.stage = 'evaluate'", output_format="list")[0]
+    run = mlflow.search_runs(
+        experiment_names=[os.environ["MLFLOW_EXPERIMENT_NAME"]],
+        filter_string="tags.stage = 'evaluate'",
+        output_format="list",
+    )[0]
     client = mlflow.MlflowClient()
     logged = {entry.path for entry in client.list_artifacts(run.info.run_id)}
     assert {"predictions.csv", "report.md", "figures"} <= logged
-    assert {Path(entry.path).name for entry in client.list_artifacts(run.info.run_id, "figures")} == set(FIGURES)
+    assert {
+        Path(entry.path).name for entry in client.list_artifacts(run.info.run_id, "figures")
+    } == set(FIGURES)
     assert run.data.metrics["age.mae"] == pytest.approx(metrics["age"]["mae"])
 
     before = {path: path.read_bytes() for path in [Path("metrics/report.md"), *figures.iterdir()]}
@@ -102,8 +139,23 @@ def test_predictions_table_columns():
     outputs = {"gender": np.array([[0.2, 0.8], [0.9, 0.1]]), "age": np.zeros((2, 101))}
     outputs["age"][0, 20], outputs["age"][1, 61] = 1, 1
     table = evaluate.predictions_table(test, outputs, [0, 10, 20, 30, 40, 50, 60])
-    assert list(table.columns) == ["full_path", "gender_true", "gender_pred", "gender_confidence", "age_true",
-                                   "age_pred", "age_bin_true", "age_bin_pred"]
-    assert table.to_dict("records")[1] == {"full_path": "90/2_1950-05-05_2010.jpg", "gender_true": "male",
-                                           "gender_pred": "female", "gender_confidence": 0.9, "age_true": 60,
-                                           "age_pred": 61.0, "age_bin_true": "60+", "age_bin_pred": "60+"}
+    assert list(table.columns) == [
+        "full_path",
+        "gender_true",
+        "gender_pred",
+        "gender_confidence",
+        "age_true",
+        "age_pred",
+        "age_bin_true",
+        "age_bin_pred",
+    ]
+    assert table.to_dict("records")[1] == {
+        "full_path": "90/2_1950-05-05_2010.jpg",
+        "gender_true": "male",
+        "gender_pred": "female",
+        "gender_confidence": 0.9,
+        "age_true": 60,
+        "age_pred": 61.0,
+        "age_bin_true": "60+",
+        "age_bin_pred": "60+",
+    }

@@ -1,5 +1,6 @@
 """Stage export: SavedModel and TFLite files that predict what Keras predicts, the pyfunc model
 registered in MLflow, and no failed stage when MLflow fails."""
+
 import json
 import shutil
 import uuid
@@ -10,10 +11,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from agegender.model import build_networks, load_model
-from agegender.serving import float32_model
 from agegender import serving
 from agegender.layout import STAGE_METRICS
+from agegender.model import build_networks, load_model
+from agegender.serving import float32_model
 from agegender.stages import export
 
 SIZE = 32
@@ -24,7 +25,9 @@ def tiny_model(tmp_path_factory):
     """VGG16 at 32 px with small heads, untrained; with the augmentation layers the default
     params put in the model, which turn training on when the model is called without `training`."""
     path = tmp_path_factory.mktemp("export-model") / "model.keras"
-    build_networks(SIZE, head_units=(8,), trainable_layers=0, flip=True, brightness=0.1).image_model.save(path)
+    build_networks(
+        SIZE, head_units=(8,), trainable_layers=0, flip=True, brightness=0.1
+    ).image_model.save(path)
     return path
 
 
@@ -42,7 +45,10 @@ def tflite_outputs(path, images):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         interpreter = tf.lite.Interpreter(model_path=str(path))
-    assert interpreter.get_signature_list()["serving_default"] == {"inputs": ["image"], "outputs": ["age", "gender"]}
+    assert interpreter.get_signature_list()["serving_default"] == {
+        "inputs": ["image"],
+        "outputs": ["age", "gender"],
+    }
     return interpreter.get_signature_runner("serving_default")(image=images)
 
 
@@ -70,7 +76,8 @@ def test_export_writes_saved_model_and_tflite_that_match_keras(exported):
         assert lite[task].shape == expected[task].shape
         np.testing.assert_allclose(lite[task], expected[task], atol=1e-4)
 
-    # the SavedModel's serving signature: inference mode (dropout and augmentation off), deterministic
+    # the SavedModel's serving signature: inference mode (dropout and augmentation off),
+    # deterministic
     reloaded = tf.saved_model.load(str(export.SAVED_MODEL))
     serve = reloaded.signatures["serving_default"]
     first, second = serve(image=tf.constant(images)), serve(image=tf.constant(images))
@@ -91,7 +98,9 @@ def test_export_writes_saved_model_and_tflite_that_match_keras(exported):
     assert sizes["size_bytes.tflite"] == export.TFLITE.stat().st_size
     # each weight stored once, not twice (as `ExportArchive.track` would)
     assert sizes["size_bytes.saved_model"] < 1.2 * sizes["size_bytes.keras"]
-    assert [a.path for a in client.list_artifacts(run.info.run_id, "tflite")] == ["tflite/model.tflite"]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "tflite")] == [
+        "tflite/model.tflite"
+    ]
 
 
 def test_export_goes_on_when_mlflow_logging_fails(exported, monkeypatch, capsys):
@@ -114,7 +123,8 @@ def test_export_without_a_model_says_what_to_run(project, capsys):
 
 
 def test_float32_model_of_a_mixed_precision_model():
-    """A model trained under mixed_float16 computes in float32 after export (TFLite has no float16 convolutions)."""
+    """A model trained under mixed_float16 computes in float32 after export (TFLite has no float16
+    convolutions)."""
     previous = keras.config.dtype_policy()
     keras.config.set_dtype_policy("mixed_float16")
     try:

@@ -1,6 +1,7 @@
 """dlib's face-recognition network on real faces of the bundled sample: the files are checked,
 descriptors are deterministic and carry who the face is and its gender; what is not a face
 is counted, not encoded."""
+
 import shutil
 
 import numpy as np
@@ -8,8 +9,15 @@ import pytest
 from PIL import Image
 
 from agegender.errors import PipelineError
-from agegender.face_descriptor import (DESCRIPTOR_SIZE, MODEL_FILES, FaceEncoder, check_model_files,
-                                       crop_face_margin, encode_files, landmarks_plausible)
+from agegender.face_descriptor import (
+    DESCRIPTOR_SIZE,
+    MODEL_FILES,
+    FaceEncoder,
+    check_model_files,
+    crop_face_margin,
+    encode_files,
+    landmarks_plausible,
+)
 from agegender.imdbwiki import read_mat
 
 
@@ -17,13 +25,19 @@ from agegender.imdbwiki import read_mat
 def labelled_faces(sample_dir):
     """The sample's faces of folder 90, with gender from the real wiki.mat."""
     records = read_mat(sample_dir / "wiki.mat")
-    records = records[records["full_path"].str.startswith("90/")].sort_values("full_path").reset_index(drop=True)
+    records = (
+        records[records["full_path"].str.startswith("90/")]
+        .sort_values("full_path")
+        .reset_index(drop=True)
+    )
     records = records.assign(gender=records["gender"].astype(int))
     return records.assign(path=[sample_dir / path for path in records["full_path"]])
 
 
 def test_missing_file_names_it_and_the_fix(tmp_path):
-    with pytest.raises(PipelineError, match="shape_predictor_5_face_landmarks.dat is missing.*download_weights"):
+    with pytest.raises(
+        PipelineError, match="shape_predictor_5_face_landmarks.dat is missing.*download_weights"
+    ):
         check_model_files(tmp_path)
 
 
@@ -43,7 +57,8 @@ def test_plausible_landmarks():
     face = [(70, 40), (60, 40), (30, 40), (40, 40), (50, 60)]  # eye corners, then the nose below
     assert landmarks_plausible(face, box)
     assert not landmarks_plausible([(50, 40)] * 4 + [(50, 60)], box)  # eyes on one spot
-    assert not landmarks_plausible([(70, 70), (60, 70), (30, 70), (40, 70), (50, 30)], box)  # nose above the eyes
+    # nose above the eyes
+    assert not landmarks_plausible([(70, 70), (60, 70), (30, 70), (40, 70), (50, 30)], box)
     assert not landmarks_plausible([(x + 300, y) for x, y in face], box)  # far outside the box
 
 
@@ -107,6 +122,7 @@ def test_encoding_with_workers_gives_what_one_process_gives(face_models, labelle
     alone = FaceEncoder(face_models, 0.4).encode_with_mirror(faces)
     shared = FaceEncoder(face_models, 0.4, workers=2)
     np.testing.assert_array_equal(shared.encode_with_mirror(faces), alone)
-    np.testing.assert_array_equal(shared.encode_with_mirror(faces[:1]), alone[:1])  # the pool is reused
+    # the pool is reused
+    np.testing.assert_array_equal(shared.encode_with_mirror(faces[:1]), alone[:1])
     assert np.isnan(alone[5]).all() and np.isfinite(alone[:5]).all()
     shared.pool.shutdown()

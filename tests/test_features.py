@@ -1,4 +1,5 @@
 """agegender.features: the feature cache, gender weights and the batches that read the cache."""
+
 import numpy as np
 import pytest
 
@@ -66,8 +67,10 @@ N, DIM = 11, 3
 def cache(n=N):
     """Row i holds the value i everywhere (the flipped copy -i), so a batch row tells its origin."""
     features = np.repeat(np.arange(n, dtype=np.float32)[:, None], DIM, axis=1)
-    labels = {"gender": keras.utils.to_categorical(np.arange(n) % 2, 2),
-              "age": keras.utils.to_categorical(np.arange(n), 101)}
+    labels = {
+        "gender": keras.utils.to_categorical(np.arange(n) % 2, 2),
+        "age": keras.utils.to_categorical(np.arange(n), 101),
+    }
     weights = {"gender": np.arange(n, dtype=np.float32) + 100, "age": np.ones(n, dtype=np.float32)}
     return features, labels, weights
 
@@ -137,12 +140,18 @@ def test_flipped_rows_come_from_one_copy_or_the_other():
 
 def test_keras_fit_reads_the_sample_weights():
     inputs = keras.Input((DIM,))
-    outputs = {task: keras.layers.Dense(classes, activation="softmax", name=task)(inputs)
-               for task, classes in (("gender", 2), ("age", 101))}
+    outputs = {
+        task: keras.layers.Dense(classes, activation="softmax", name=task)(inputs)
+        for task, classes in (("gender", 2), ("age", 101))
+    }
     model = keras.Model(inputs, outputs)
-    model.compile("adam", loss={"gender": "categorical_crossentropy", "age": "categorical_crossentropy"})
+    model.compile(
+        "adam", loss={"gender": "categorical_crossentropy", "age": "categorical_crossentropy"}
+    )
     features, labels, weights = cache()
     weights["gender"] = np.zeros(N, dtype=np.float32)
-    history = model.fit(FeatureBatches(features, labels, weights, batch_size=4, seed=0), epochs=1, verbose=0)
+    history = model.fit(
+        FeatureBatches(features, labels, weights, batch_size=4, seed=0), epochs=1, verbose=0
+    )
     assert history.history["gender_loss"] == [0.0]
     assert history.history["age_loss"][0] > 0

@@ -1,4 +1,6 @@
-"""fetch.download against a real HTTP server on loopback, and fetch.extract against hostile archives."""
+"""fetch.download against a real HTTP server on loopback, and fetch.extract against hostile
+archives."""
+
 import hashlib
 import io
 import os
@@ -24,7 +26,9 @@ SHA256 = hashlib.sha256(BODY).hexdigest()
 
 def test_download_verifies_size_and_hashes(server, tmp_path):
     server.files["/a.bin"] = BODY
-    dest = download(server.url("/a.bin"), tmp_path / "a.bin", size=len(BODY), md5=MD5, sha256=SHA256, chunk=4096)
+    dest = download(
+        server.url("/a.bin"), tmp_path / "a.bin", size=len(BODY), md5=MD5, sha256=SHA256, chunk=4096
+    )
     assert dest.read_bytes() == BODY
     assert not (tmp_path / "a.bin.part").exists()
 
@@ -34,14 +38,21 @@ def test_checksum_mismatch_keeps_part_and_never_writes_dest(server, tmp_path):
     with pytest.raises(PipelineError) as error:
         download(server.url("/a.bin"), tmp_path / "a.bin", md5="0" * 32)
     message = str(error.value)
-    assert server.url("/a.bin") in message and "0" * 32 in message and MD5 in message and "delete" in message
+    assert (
+        server.url("/a.bin") in message
+        and "0" * 32 in message
+        and MD5 in message
+        and "delete" in message
+    )
     assert (tmp_path / "a.bin.part").read_bytes() == BODY
     assert not (tmp_path / "a.bin").exists()
 
 
 def test_size_mismatch_is_reported(server, tmp_path):
     server.files["/a.bin"] = BODY
-    with pytest.raises(PipelineError, match=f"size {len(BODY) + 1} bytes expected, got {len(BODY)}"):
+    with pytest.raises(
+        PipelineError, match=f"size {len(BODY) + 1} bytes expected, got {len(BODY)}"
+    ):
         download(server.url("/a.bin"), tmp_path / "a.bin", size=len(BODY) + 1)
 
 
@@ -138,16 +149,20 @@ def entry(name, kind=tarfile.REGTYPE, linkname=""):
 GOOD = (entry("wiki_crop/00/a.jpg"), b"jpeg")
 
 
-@pytest.mark.parametrize("bad", [
-    entry("../evil"),
-    entry("wiki_crop/../../evil"),
-    entry("/etc/x"),
-    entry("wiki_crop/link", tarfile.SYMTYPE, "../../outside"),
-    entry("wiki_crop/abs_link", tarfile.SYMTYPE, "/etc/passwd"),
-    entry("wiki_crop/hard", tarfile.LNKTYPE, "../../outside"),
-    entry("wiki_crop/fifo", tarfile.FIFOTYPE),
-    entry("wiki_crop/dev", tarfile.CHRTYPE),
-], ids=lambda info: info.name)
+@pytest.mark.parametrize(
+    "bad",
+    [
+        entry("../evil"),
+        entry("wiki_crop/../../evil"),
+        entry("/etc/x"),
+        entry("wiki_crop/link", tarfile.SYMTYPE, "../../outside"),
+        entry("wiki_crop/abs_link", tarfile.SYMTYPE, "/etc/passwd"),
+        entry("wiki_crop/hard", tarfile.LNKTYPE, "../../outside"),
+        entry("wiki_crop/fifo", tarfile.FIFOTYPE),
+        entry("wiki_crop/dev", tarfile.CHRTYPE),
+    ],
+    ids=lambda info: info.name,
+)
 def test_extract_rejects_unsafe_member(tmp_path, bad):
     archive = make_tar(tmp_path / "bad.tar.gz", [GOOD, (bad, b"x" if bad.isreg() else None)])
     dest = tmp_path / "raw"
@@ -159,7 +174,9 @@ def test_extract_rejects_unsafe_member(tmp_path, bad):
 
 
 def test_extract_good_archives_and_merge(tmp_path):
-    first = make_tar(tmp_path / "a.tar.gz", [GOOD, (entry("wiki_crop/link", tarfile.SYMTYPE, "00/a.jpg"), None)])
+    first = make_tar(
+        tmp_path / "a.tar.gz", [GOOD, (entry("wiki_crop/link", tarfile.SYMTYPE, "00/a.jpg"), None)]
+    )
     second = make_tar(tmp_path / "b.tar", [(entry("wiki_crop/wiki.mat"), b"mat")])
     dest = extract([first, second], tmp_path / "raw")
     assert (dest / "wiki_crop/00/a.jpg").read_bytes() == b"jpeg"

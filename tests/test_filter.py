@@ -1,4 +1,5 @@
 """agegender.imdbwiki and the filter stage: the .mat as a table, and the cleaning rules."""
+
 import json
 import math
 import subprocess
@@ -34,7 +35,9 @@ def write_mat(path, records, struct="wiki", drop=()):
         "full_path": cell([r["full_path"] for r in records]),
         "gender": np.array([[r["gender"] for r in records]], dtype=float),
         "name": cell([r.get("name", "") for r in records]),
-        "face_location": cell([np.array([r.get("box", (1, 1, 100, 100))], dtype=float) for r in records]),
+        "face_location": cell(
+            [np.array([r.get("box", (1, 1, 100, 100))], dtype=float) for r in records]
+        ),
         "face_score": np.array([[r["face_score"] for r in records]], dtype=float),
         "second_face_score": np.array([[r.get("second", np.nan) for r in records]], dtype=float),
     }
@@ -48,12 +51,31 @@ def write_mat(path, records, struct="wiki", drop=()):
 # 1981-05-05 and 1948-07-03 as MATLAB datenums
 DOB_1981_05_05, DOB_1948_07_03 = 723671, 711677
 RECORDS = [
-    {"dob": DOB_1981_05_05, "photo_taken": 2009, "full_path": "17/a.jpg", "gender": 1, "name": "Ann",
-     "face_score": 4.3, "box": (111, 11, 252, 152)},
-    {"dob": DOB_1948_07_03, "photo_taken": 2008, "full_path": "12/b.jpg", "gender": 0, "name": "Bo",
-     "face_score": 2.0},
-    {"dob": DOB_1948_07_03, "photo_taken": 2008, "full_path": "12/c.jpg", "gender": 0, "name": "",
-     "face_score": -np.inf},
+    {
+        "dob": DOB_1981_05_05,
+        "photo_taken": 2009,
+        "full_path": "17/a.jpg",
+        "gender": 1,
+        "name": "Ann",
+        "face_score": 4.3,
+        "box": (111, 11, 252, 152),
+    },
+    {
+        "dob": DOB_1948_07_03,
+        "photo_taken": 2008,
+        "full_path": "12/b.jpg",
+        "gender": 0,
+        "name": "Bo",
+        "face_score": 2.0,
+    },
+    {
+        "dob": DOB_1948_07_03,
+        "photo_taken": 2008,
+        "full_path": "12/c.jpg",
+        "gender": 0,
+        "name": "",
+        "face_score": -np.inf,
+    },
 ]
 
 
@@ -136,8 +158,12 @@ def test_read_mat_v73_is_named(tmp_path):
     path = tmp_path / "wiki.mat"
     with h5py.File(path, "w", userblock_size=512) as f:
         f["wiki/dob"] = np.arange(3.0)
-    header = b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 HDF5 schema 1.00 .".ljust(116)
-    with open(path, "r+b") as f:  # subsystem offset, version 0x0200, endian indicator: how scipy spots v7.3
+    header = (
+        b"MATLAB 7.3 MAT-file, Platform: GLNXA64, Created on: Mon Jan  1 00:00:00 2024 "
+        b"HDF5 schema 1.00 ."
+    ).ljust(116)
+    # subsystem offset, version 0x0200, endian indicator: how scipy spots v7.3
+    with open(path, "r+b") as f:
         f.write(header + b"\0" * 8 + b"\x00\x02IM")
     with pytest.raises(NotImplementedError):
         scipy.io.loadmat(path)
@@ -146,25 +172,39 @@ def test_read_mat_v73_is_named(tmp_path):
 
 
 def table_of(rows):
-    base = {"full_path": "x.jpg", "gender": 1.0, "age": 30.0, "face_score": 3.0, "second_face_score": np.nan}
+    base = {
+        "full_path": "x.jpg",
+        "gender": 1.0,
+        "age": 30.0,
+        "face_score": 3.0,
+        "second_face_score": np.nan,
+    }
     return pd.DataFrame([{**base, **row, "full_path": f"{i}.jpg"} for i, row in enumerate(rows)])
 
 
 def test_apply_filter_rules_and_counts():
-    table = table_of([
-        {},                                   # kept
-        {"face_score": -np.inf},              # no_face
-        {"face_score": 0.99},                 # no_face
-        {"second_face_score": 0.5},           # second_face
-        {"gender": np.nan},                   # unknown_gender
-        {"age": 101},                         # age_out_of_range
-        {"age": -1},                          # age_out_of_range
-        {"age": np.nan},                      # invalid_date
-        {"gender": 0.0, "age": 0, "face_score": 1.0},  # kept (bounds included)
-        {"age": 100},                         # kept
-    ])
+    table = table_of(
+        [
+            {},  # kept
+            {"face_score": -np.inf},  # no_face
+            {"face_score": 0.99},  # no_face
+            {"second_face_score": 0.5},  # second_face
+            {"gender": np.nan},  # unknown_gender
+            {"age": 101},  # age_out_of_range
+            {"age": -1},  # age_out_of_range
+            {"age": np.nan},  # invalid_date
+            {"gender": 0.0, "age": 0, "face_score": 1.0},  # kept (bounds included)
+            {"age": 100},  # kept
+        ]
+    )
     kept, removed = apply_filter(table, FILTER)
-    assert removed == {"no_face": 2, "second_face": 1, "unknown_gender": 1, "invalid_date": 1, "age_out_of_range": 2}
+    assert removed == {
+        "no_face": 2,
+        "second_face": 1,
+        "unknown_gender": 1,
+        "invalid_date": 1,
+        "age_out_of_range": 2,
+    }
     assert list(kept["full_path"]) == ["0.jpg", "8.jpg", "9.jpg"]
     assert kept["gender"].dtype.kind == "i" and kept["age"].dtype.kind == "i"
     assert list(kept.index) == [0, 1, 2]
@@ -195,8 +235,14 @@ def test_apply_filter_limit():
     table = table_of([{}, {"face_score": -np.inf}, {}, {}, {}])
     kept, removed = apply_filter(table, {**FILTER, "limit": 2})
     assert list(kept["full_path"]) == ["0.jpg", "2.jpg"]
-    assert removed == {"no_face": 1, "second_face": 0, "unknown_gender": 0, "invalid_date": 0, "age_out_of_range": 0,
-                       "limit": 2}
+    assert removed == {
+        "no_face": 1,
+        "second_face": 0,
+        "unknown_gender": 0,
+        "invalid_date": 0,
+        "age_out_of_range": 0,
+        "limit": 2,
+    }
     kept, removed = apply_filter(table, {**FILTER, "limit": 10})
     assert len(kept) == 4 and "limit" not in removed
 
@@ -211,7 +257,11 @@ def test_real_wiki_mat_keeps_38138(shared_data):
     assert kept["age"].between(0, 100).all()
     assert sum(removed.values()) == 62_328 - 38_138
     first = table.iloc[0]
-    assert (first["full_path"], first["dob"], first["age"]) == ("17/10000217_1981-05-05_2009.jpg", "1981-05-05", 28)
+    assert (first["full_path"], first["dob"], first["age"]) == (
+        "17/10000217_1981-05-05_2009.jpg",
+        "1981-05-05",
+        28,
+    )
 
 
 def test_bundled_sample_mat_keeps_all(sample_dir):
@@ -227,7 +277,9 @@ def test_bundled_sample_mat_keeps_all(sample_dir):
 
 
 def run_stage(module):
-    return subprocess.run([sys.executable, "-m", module], capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", module], capture_output=True, text=True, timeout=120
+    )
 
 
 def test_stage_empty_result_exits_with_one_paragraph(project):

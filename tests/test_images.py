@@ -1,4 +1,5 @@
 """agegender.images: decoding whatever a dataset holds, and the face geometry."""
+
 import struct
 import zlib
 
@@ -6,8 +7,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agegender.images import (ImageSkip, as_array, crop_face, face_box_in_crop, grow_box, load_rgb,
-                              resize_whole)
+from agegender.images import (
+    ImageSkip,
+    as_array,
+    crop_face,
+    face_box_in_crop,
+    grow_box,
+    load_rgb,
+    resize_whole,
+)
 
 
 def png_bytes(width, height, bit_depth, color_type, raw_rows=None):
@@ -15,14 +23,19 @@ def png_bytes(width, height, bit_depth, color_type, raw_rows=None):
     (a header claiming a huge size)."""
 
     def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        return (
+            struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+        )
 
     header = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     data = b"" if raw_rows is None else zlib.compress(b"".join(b"\0" + row for row in raw_rows))
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data) + chunk(b"IEND", b"")
+    )
 
 
 # geometry
+
 
 def test_face_box_in_crop_is_the_middle_share():
     assert face_box_in_crop(180, 180, 0.4) == pytest.approx((40, 40, 140, 140))
@@ -49,8 +62,8 @@ def test_crop_face_size_and_black_padding():
     assert face.size == (32, 32)
     pixels = as_array(face)
     assert pixels.shape == (32, 32, 3) and pixels.dtype == np.uint8
-    assert pixels[:12, :12].min() == 255          # inside the photo: white
-    assert pixels[20:, 20:].max() == 0            # outside: black
+    assert pixels[:12, :12].min() == 255  # inside the photo: white
+    assert pixels[20:, 20:].max() == 0  # outside: black
     assert pixels[20:, :12].max() == 0
 
 
@@ -66,6 +79,7 @@ def test_resize_whole():
 
 
 # decoding
+
 
 def skip_reason(path, **kwargs):
     with pytest.raises(ImageSkip) as caught:
@@ -153,7 +167,8 @@ def test_rgba_png_drops_alpha(tmp_path):
 
 def test_48_bit_rgb_png(tmp_path):
     path = tmp_path / "rgb16.png"
-    row = struct.pack(">" + "H" * 24, *([0x8000, 0x4000, 0xFF00] * 8))  # 8 pixels, 16 bits per channel
+    # 8 pixels, 16 bits per channel
+    row = struct.pack(">" + "H" * 24, *([0x8000, 0x4000, 0xFF00] * 8))
     path.write_bytes(png_bytes(8, 4, 16, 2, [row] * 4))
     image = load_rgb(path)
     assert image.mode == "RGB" and image.size == (8, 4)
@@ -179,15 +194,15 @@ def test_png_with_a_jpg_name(tmp_path):
 def test_exif_rotation_applied(tmp_path):
     path = tmp_path / "rotated.jpg"
     pixels = np.zeros((20, 40, 3), np.uint8)
-    pixels[:, :20] = (255, 0, 0)     # left half red
-    pixels[:, 20:] = (0, 0, 255)     # right half blue
+    pixels[:, :20] = (255, 0, 0)  # left half red
+    pixels[:, 20:] = (0, 0, 255)  # right half blue
     exif = Image.Exif()
-    exif[0x0112] = 6                 # "rotate 90 degrees clockwise to display"
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
     Image.fromarray(pixels).save(path, exif=exif, quality=100)
     image = load_rgb(path)
-    assert image.size == (20, 40)    # width and height swapped
+    assert image.size == (20, 40)  # width and height swapped
     result = as_array(image).astype(int)
-    assert result[5, 10, 0] > 200 and result[5, 10, 2] < 60    # top: red (was left)
+    assert result[5, 10, 0] > 200 and result[5, 10, 2] < 60  # top: red (was left)
     assert result[35, 10, 2] > 200 and result[35, 10, 0] < 60  # bottom: blue (was right)
 
 

@@ -1,4 +1,5 @@
 """The inference core: both kinds of model, real faces, faces without landmarks, clear errors."""
+
 import os
 
 import keras
@@ -8,7 +9,14 @@ from PIL import Image
 
 from agegender.errors import PipelineError
 from agegender.face_descriptor import FaceEncoder
-from agegender.inference import GENDERS, Predictor, open_model, predict_faces, readable, takes_descriptors
+from agegender.inference import (
+    GENDERS,
+    Predictor,
+    open_model,
+    predict_faces,
+    readable,
+    takes_descriptors,
+)
 from agegender.model import build_networks
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -87,5 +95,11 @@ def test_readable_fields():
     age[1] = np.nan
     gender = np.array([[0.2, 0.8], [np.nan, np.nan]])
     first, second = readable({"gender": gender, "age": age}, BINS)
-    assert first == {"gender": "male", "gender_prob": 0.8, "age": 35.0, "age_bin": "30-39", "age_bin_prob": 1.0}
+    assert first == {
+        "gender": "male",
+        "gender_prob": 0.8,
+        "age": 35.0,
+        "age_bin": "30-39",
+        "age_bin_prob": 1.0,
+    }
     assert second is None

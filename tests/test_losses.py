@@ -1,4 +1,5 @@
 """agegender.losses: the age-loss choices behave as their papers describe."""
+
 import numpy as np
 import pytest
 
@@ -37,7 +38,9 @@ def predictions():
 def test_cross_entropy_is_keras_categorical_crossentropy(predictions):
     y_true, y_pred = predictions
     expected = np.asarray(keras.losses.categorical_crossentropy(y_true, y_pred))
-    np.testing.assert_allclose(per_sample(HeadLoss("cross_entropy"), y_true, y_pred), expected, rtol=1e-6)
+    np.testing.assert_allclose(
+        per_sample(HeadLoss("cross_entropy"), y_true, y_pred), expected, rtol=1e-6
+    )
     reduced = float(HeadLoss("cross_entropy")(y_true, y_pred))
     assert reduced == pytest.approx(expected.mean(), rel=1e-6)
     assert reduced > 0
@@ -48,7 +51,9 @@ def test_label_smoothing_changes_the_cross_entropy(predictions):
     plain = per_sample(HeadLoss("cross_entropy"), y_true, y_pred)
     smoothed = per_sample(HeadLoss("cross_entropy", label_smoothing=0.1), y_true, y_pred)
     assert not np.allclose(plain, smoothed)
-    expected = np.asarray(keras.losses.categorical_crossentropy(y_true, y_pred, label_smoothing=0.1))
+    expected = np.asarray(
+        keras.losses.categorical_crossentropy(y_true, y_pred, label_smoothing=0.1)
+    )
     np.testing.assert_allclose(smoothed, expected, rtol=1e-6)
 
 
@@ -86,7 +91,10 @@ def test_dldl_is_least_near_a_gaussian_at_the_true_age():
 
 def test_losses_differ_by_kind(predictions):
     y_true, y_pred = predictions
-    values = {kind: per_sample(HeadLoss(kind), y_true, y_pred) for kind in ("cross_entropy", "mean_variance", "dldl")}
+    values = {
+        kind: per_sample(HeadLoss(kind), y_true, y_pred)
+        for kind in ("cross_entropy", "mean_variance", "dldl")
+    }
     assert not np.allclose(values["cross_entropy"], values["mean_variance"])
     assert not np.allclose(values["cross_entropy"], values["dldl"])
 
@@ -105,4 +113,6 @@ def test_config_round_trip(kind, predictions):
     assert isinstance(restored, HeadLoss)
     assert (restored.kind, restored.label_smoothing, restored.name) == (kind, 0.05, kind)
     y_true, y_pred = predictions
-    np.testing.assert_allclose(per_sample(restored, y_true, y_pred), per_sample(loss, y_true, y_pred))
+    np.testing.assert_allclose(
+        per_sample(restored, y_true, y_pred), per_sample(loss, y_true, y_pred)
+    )

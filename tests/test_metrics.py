@@ -1,9 +1,17 @@
 """agegender.metrics: DEX expected-value age, CS@n, exact and binned accuracy, gender baselines."""
+
 import numpy as np
 import pytest
 
-from agegender.metrics import (AGES, age_bin, age_metrics, bin_labels, bin_probabilities, gender_metrics,
-                               mean_age_baseline)
+from agegender.metrics import (
+    AGES,
+    age_bin,
+    age_metrics,
+    bin_labels,
+    bin_probabilities,
+    gender_metrics,
+    mean_age_baseline,
+)
 
 EDGES = [0, 10, 20, 30, 40, 50, 60]
 
@@ -25,7 +33,13 @@ def mix(weights):
 def test_one_hot_at_the_true_age_is_perfect():
     ages = [0, 9, 10, 35, 59, 60, 100]
     metrics = age_metrics(ages, one_hot(ages), EDGES, 5)
-    assert metrics == {"mae": 0.0, "cs5": 1.0, "exact_accuracy": 1.0, "bin_accuracy": 1.0, "bin_within_one": 1.0}
+    assert metrics == {
+        "mae": 0.0,
+        "cs5": 1.0,
+        "exact_accuracy": 1.0,
+        "bin_accuracy": 1.0,
+        "bin_within_one": 1.0,
+    }
 
 
 def test_expected_value_not_argmax():
@@ -35,7 +49,7 @@ def test_expected_value_not_argmax():
     assert metrics["mae"] == pytest.approx(0)
     assert metrics["cs5"] == 1.0
     assert metrics["exact_accuracy"] == 0.0
-    assert metrics["bin_accuracy"] == 0.0      # bins 20-29 and 40-49 tie at 0.5; the true bin is 30-39
+    assert metrics["bin_accuracy"] == 0.0  # bins 20-29 and 40-49 tie at 0.5; the true bin is 30-39
     assert metrics["bin_within_one"] == 1.0
 
 

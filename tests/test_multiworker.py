@@ -1,5 +1,6 @@
 """Training on two workers (MultiWorkerMirroredStrategy over TF_CONFIG, on 127.0.0.1) completes
 and reaches what one worker reaches, within the noise of a tiny data set."""
+
 import json
 import os
 import socket
@@ -14,8 +15,15 @@ pytestmark = pytest.mark.slow
 SMALL = {
     "filter": {"limit": 400},
     "crop": {"size": 32},
-    "train": {"input_size": 32, "epochs": 4, "early_stopping": 0, "trainable_layers": 0, "head_units": [32, 16],
-              "batch_size": 16, "lr_schedule": "constant"},
+    "train": {
+        "input_size": 32,
+        "epochs": 4,
+        "early_stopping": 0,
+        "trainable_layers": 0,
+        "head_units": [32, 16],
+        "batch_size": 16,
+        "lr_schedule": "constant",
+    },
 }
 
 
@@ -30,7 +38,10 @@ def free_ports(count):
 
 
 def worker_env(env, workers, index):
-    config = {"cluster": {"worker": [f"127.0.0.1:{port}" for port in workers]}, "task": {"type": "worker", "index": index}}
+    config = {
+        "cluster": {"worker": [f"127.0.0.1:{port}" for port in workers]},
+        "task": {"type": "worker", "index": index},
+    }
     return {**env, "TF_CONFIG": json.dumps(config)}
 
 
@@ -46,8 +57,17 @@ def test_two_local_workers_match_one(repo):
     (repo / "metrics/train.json").unlink()
 
     workers = free_ports(2)
-    processes = [subprocess.Popen(train, cwd=repo, env=worker_env(env, workers, index), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True) for index in (0, 1)]
+    processes = [
+        subprocess.Popen(
+            train,
+            cwd=repo,
+            env=worker_env(env, workers, index),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for index in (0, 1)
+    ]
     outputs = [process.communicate(timeout=300)[0] for process in processes]
     for process, output in zip(processes, outputs):
         assert process.returncode == 0, output

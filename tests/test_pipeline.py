@@ -3,6 +3,7 @@
 Runs in a temporary git copy of the repository with a tiny configuration (a few hundred
 faces, 32 px, one epoch) so that it takes a minute or two on two CPU cores.
 """
+
 import json
 import tarfile
 import time
@@ -22,11 +23,28 @@ TINY_VGG16 = {
     "filter": {"limit": 300},
     "crop": {"size": 32},
     "model": {"backbone": "vgg16"},
-    "train": {"input_size": 32, "epochs": 1, "trainable_layers": 0, "head_units": [16, 16], "batch_size": 32,
-              "finetune_epochs": 1, "finetune_layers": 2},
+    "train": {
+        "input_size": 32,
+        "epochs": 1,
+        "trainable_layers": 0,
+        "head_units": [16, 16],
+        "batch_size": 32,
+        "finetune_epochs": 1,
+        "finetune_layers": 2,
+    },
 }
-STAGES = ("download_data", "download_weights", "filter", "crop", "split", "features", "train", "evaluate_external",
-          "evaluate", "export")
+STAGES = (
+    "download_data",
+    "download_weights",
+    "filter",
+    "crop",
+    "split",
+    "features",
+    "train",
+    "evaluate_external",
+    "evaluate",
+    "export",
+)
 AFTER_TRAINING = ["evaluate", "evaluate_external", "export", "train"]
 
 
@@ -38,7 +56,9 @@ def mlflow_runs(repo):
 
 
 def children_by_parent(runs):
-    parents = {entry.info.run_id: entry for entry in runs if "mlflow.parentRunId" not in entry.data.tags}
+    parents = {
+        entry.info.run_id: entry for entry in runs if "mlflow.parentRunId" not in entry.data.tags
+    }
     children = {parent: [] for parent in parents}
     for entry in runs:
         if "mlflow.parentRunId" in entry.data.tags:
@@ -85,7 +105,11 @@ def test_repro_rerun_experiment_and_mlflow(repo):
 
     parents, children = children_by_parent(mlflow_runs(repo))
     assert sorted(map(sorted, children.values())) == sorted([sorted(STAGES), AFTER_TRAINING])
-    tagged = [parent for parent in parents.values() if parent.data.tags.get("dvc.exp_name") == "two-epochs"]
+    tagged = [
+        parent
+        for parent in parents.values()
+        if parent.data.tags.get("dvc.exp_name") == "two-epochs"
+    ]
     assert len(tagged) == 1 and sorted(children[tagged[0].info.run_id]) == AFTER_TRAINING
     import mlflow
 
@@ -102,7 +126,12 @@ def test_archive_holding_only_the_real_mat_filters_to_38138(repo, shared_data):
     commit(repo, env, "only the metadata")
     run(["dvc", "repro", "filter"], repo, env)
     metrics = json.loads((repo / "metrics/filter.json").read_text())
-    assert (metrics["total"], metrics["kept"], metrics["male"], metrics["female"]) == (62328, 38138, 28601, 9537)
+    assert (metrics["total"], metrics["kept"], metrics["male"], metrics["female"]) == (
+        62328,
+        38138,
+        28601,
+        9537,
+    )
 
 
 def test_queued_experiments_each_get_a_parent_run(repo):
@@ -111,7 +140,8 @@ def test_queued_experiments_each_get_a_parent_run(repo):
     commit(repo, env, "tiny configuration")
     run(["dvc", "repro"], repo, env)
     training = json.loads((repo / "metrics/train.json").read_text())
-    assert training["epochs_run"] == 2  # one epoch on cached features, one fine-tuning epoch on images
+    # one epoch on cached features, one fine-tuning epoch on images
+    assert training["epochs_run"] == 2
     commit(repo, env, "baseline run")
     names = ["lr-a", "lr-b", "lr-c"]
     for name, lr in zip(names, ("0.01", "0.003", "0.0003")):

@@ -1,5 +1,6 @@
 """agegender.plots: PNG figures of a fixed size from tiny tables; the offline template of
 `dvc plots show`, rendered in a scratch git copy and drawn in a headless Chromium."""
+
 import re
 import shutil
 import struct
@@ -31,24 +32,34 @@ def predictions(count=40, seed=0):
     age_true = rng.integers(0, 100, count)
     age_pred = np.clip(age_true + rng.normal(0, 8, count), 0, 100).round(2)
     bins = np.array(LABELS)
-    return pd.DataFrame({
-        "full_path": [f"{i:02d}/{i}.jpg" for i in range(count)],
-        "gender_true": rng.choice(["female", "male"], count),
-        "gender_pred": rng.choice(["female", "male"], count),
-        "gender_confidence": rng.uniform(0.5, 1, count).round(4),
-        "age_true": age_true,
-        "age_pred": age_pred,
-        "age_bin_true": bins[np.searchsorted(EDGES, age_true, side="right") - 1],
-        "age_bin_pred": bins[np.searchsorted(EDGES, age_pred, side="right") - 1],
-    })
+    return pd.DataFrame(
+        {
+            "full_path": [f"{i:02d}/{i}.jpg" for i in range(count)],
+            "gender_true": rng.choice(["female", "male"], count),
+            "gender_pred": rng.choice(["female", "male"], count),
+            "gender_confidence": rng.uniform(0.5, 1, count).round(4),
+            "age_true": age_true,
+            "age_pred": age_pred,
+            "age_bin_true": bins[np.searchsorted(EDGES, age_true, side="right") - 1],
+            "age_bin_pred": bins[np.searchsorted(EDGES, age_pred, side="right") - 1],
+        }
+    )
 
 
 def history(epochs=4):
     epoch = np.arange(epochs)
-    return pd.DataFrame({"epoch": epoch, "loss": 5 - 0.1 * epoch, "val_loss": 5.1 - 0.05 * epoch,
-                         "gender_accuracy": 0.7 + 0.02 * epoch, "val_gender_accuracy": 0.7 + 0.01 * epoch,
-                         "age_accuracy": 0.02 + 0.01 * epoch, "val_age_accuracy": 0.02 + 0.005 * epoch,
-                         "phase": ["head"] * epochs})
+    return pd.DataFrame(
+        {
+            "epoch": epoch,
+            "loss": 5 - 0.1 * epoch,
+            "val_loss": 5.1 - 0.05 * epoch,
+            "gender_accuracy": 0.7 + 0.02 * epoch,
+            "val_gender_accuracy": 0.7 + 0.01 * epoch,
+            "age_accuracy": 0.02 + 0.01 * epoch,
+            "val_age_accuracy": 0.02 + 0.005 * epoch,
+            "phase": ["head"] * epochs,
+        }
+    )
 
 
 def by_bin(table):
@@ -61,10 +72,22 @@ def figures(folder, table, curves):
     """Every figure the evaluate stage draws, by file name."""
     folder = Path(folder)
     return {
-        "gender_confusion.png": plots.confusion_png(table, "gender_true", "gender_pred", ["female", "male"],
-                                                    folder / "gender_confusion.png", "Gender"),
-        "age_bin_confusion.png": plots.confusion_png(table, "age_bin_true", "age_bin_pred", LABELS,
-                                                     folder / "age_bin_confusion.png", "Age bin"),
+        "gender_confusion.png": plots.confusion_png(
+            table,
+            "gender_true",
+            "gender_pred",
+            ["female", "male"],
+            folder / "gender_confusion.png",
+            "Gender",
+        ),
+        "age_bin_confusion.png": plots.confusion_png(
+            table,
+            "age_bin_true",
+            "age_bin_pred",
+            LABELS,
+            folder / "age_bin_confusion.png",
+            "Age bin",
+        ),
         "age_scatter.png": plots.age_scatter_png(table, folder / "age_scatter.png"),
         "age_bin_mae.png": plots.bin_mae_png(by_bin(table), folder / "age_bin_mae.png"),
         "training_curves.png": plots.training_curves_png(curves, folder / "training_curves.png"),
@@ -77,7 +100,8 @@ def test_each_figure_is_a_png_of_its_size(tmp_path):
         assert path.stat().st_size > 5000, name
         expected = plots.CURVES_SIZE if name == "training_curves.png" else plots.SIZE
         assert png_size(path) == expected, name
-    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(written)  # no temporary files left
+    # no temporary files left
+    assert sorted(p.name for p in (tmp_path / "figures").iterdir()) == sorted(written)
 
 
 def test_figures_are_deterministic(tmp_path):
@@ -94,27 +118,36 @@ def test_edge_cases_still_draw(tmp_path):
     empty_bins = by_bin(one)
     assert empty_bins["count"].sum() == 1 and empty_bins["mae"].isna().sum() == len(EDGES) - 1
     assert png_size(plots.bin_mae_png(empty_bins, tmp_path / "mae.png")) == plots.SIZE
-    assert png_size(plots.training_curves_png(pd.DataFrame(), tmp_path / "none.png")) == plots.CURVES_SIZE
+    assert (
+        png_size(plots.training_curves_png(pd.DataFrame(), tmp_path / "none.png"))
+        == plots.CURVES_SIZE
+    )
 
 
 def test_confusion_counts_every_pair():
     table = pd.DataFrame({"t": ["a", "a", "b"], "p": ["a", "b", "b"]})
     with tempfile.TemporaryDirectory() as folder:
-        assert png_size(plots.confusion_png(table, "t", "p", ["a", "b"], Path(folder) / "c.png", "x")) == plots.SIZE
+        assert (
+            png_size(plots.confusion_png(table, "t", "p", ["a", "b"], Path(folder) / "c.png", "x"))
+            == plots.SIZE
+        )
     with pytest.raises(KeyError):
         plots.confusion_png(table, "t", "p", ["a"], Path("unused.png"), "x")
 
 
 # --- the offline template -------------------------------------------------------------------
 
+
 def test_template_is_built_from_the_vendored_scripts():
-    assert plots.TEMPLATE.read_text(encoding="utf8") == plots.offline_template(), \
+    assert plots.TEMPLATE.read_text(encoding="utf8") == plots.offline_template(), (
         "dvc_plots/template.html is stale: run `python -m agegender.plots`"
+    )
 
 
 def test_template_loads_nothing_from_the_network():
     template = plots.TEMPLATE.read_text(encoding="utf8")
-    assert "{plot_divs}" in template and "{scripts}" not in template  # no slot for DVC's CDN <script> tags
+    # no slot for DVC's CDN <script> tags
+    assert "{plot_divs}" in template and "{scripts}" not in template
     assert not re.search(r"<script[^>]*\bsrc=", template)
     assert template.count("<script>") == 3
     assert 't.version="5.33.1"' in template  # vega
@@ -131,6 +164,7 @@ def test_repository_config_points_dvc_at_the_template():
 
 
 # --- `dvc plots show` in a scratch git copy -------------------------------------------------
+
 
 def write_plot_inputs(repo, seed):
     (repo / "metrics").mkdir(exist_ok=True)
@@ -182,23 +216,45 @@ def chromium():
 
 def rendered_dom(browser, page, profile):
     """The DOM after the page's scripts ran, and the browser's console log."""
-    args = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync",
-            f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-            "--virtual-time-budget=5000", "--dump-dom", page.as_uri()]
+    args = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        "--enable-logging=stderr",
+        "--v=0",
+        "--virtual-time-budget=5000",
+        "--dump-dom",
+        page.as_uri(),
+    ]
     result = subprocess.run(args, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     console = [line for line in result.stderr.splitlines() if ":CONSOLE" in line]
     return result.stdout, console
 
 
-@pytest.mark.skipif(chromium() is None, reason="no chromium binary on PATH (apt-get install chromium) for the browser check")
+@pytest.mark.skipif(
+    chromium() is None,
+    reason="no chromium binary on PATH (apt-get install chromium) for the browser check",
+)
 def test_vega_draws_every_chart_in_headless_chromium(shown, tmp_path):
     repo, _, _ = shown
     for page in (repo / "dvc_plots/index.html", repo / "diff_plots/index.html"):
         dom, console = rendered_dom(chromium(), page, tmp_path / f"profile-{page.parent.name}")
-        canvases = re.findall(r'<canvas width="(\d+)" height="(\d+)"', dom) + re.findall(r'<svg[^>]*class="marks"', dom)
-        assert len(canvases) == vega_plot_count(repo), f"{page}: {len(canvases)} charts of {vega_plot_count(repo)}"
-        assert all(int(width) > 100 and int(height) > 100 for width, height in canvases), f"{page}: empty chart {canvases}"
+        canvases = re.findall(r'<canvas width="(\d+)" height="(\d+)"', dom) + re.findall(
+            r'<svg[^>]*class="marks"', dom
+        )
+        assert len(canvases) == vega_plot_count(repo), (
+            f"{page}: {len(canvases)} charts of {vega_plot_count(repo)}"
+        )
+        assert all(int(width) > 100 and int(height) > 100 for width, height in canvases), (
+            f"{page}: empty chart {canvases}"
+        )
         problems = [line for line in console if "Uncaught" in line or "ERROR" in line]
         assert not problems, f"{page}: {problems}"

@@ -1,4 +1,6 @@
-"""The predict CLI on a real photo (Grace Hopper, shipped with matplotlib) with a tiny untrained model."""
+"""The predict CLI on a real photo (Grace Hopper, shipped with matplotlib) with a tiny untrained
+model."""
+
 import csv
 import io
 import json
@@ -15,8 +17,8 @@ import yaml
 from PIL import Image
 
 from agegender.images import load_rgb, resize_whole
-from agegender.metrics import bin_labels
 from agegender.inference import find_faces, predict_faces
+from agegender.metrics import bin_labels
 from agegender.predict import main
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
@@ -41,7 +43,15 @@ def setup(tmp_path_factory):
 
 
 def predict(setup, capsys, *args):
-    status = main([*map(str, args), "--model", str(setup / "model.keras"), "--params", str(setup / "params.yaml")])
+    status = main(
+        [
+            *map(str, args),
+            "--model",
+            str(setup / "model.keras"),
+            "--params",
+            str(setup / "params.yaml"),
+        ]
+    )
     out, err = capsys.readouterr()
     return status, out, err
 
@@ -87,9 +97,13 @@ def test_folder_reports_bad_files_and_goes_on(setup, capsys, folder):
     status, out, err = predict(setup, capsys, folder, "--annotate", folder.parent / "annotated")
     assert status == 0
     records = [json.loads(line) for line in out.splitlines()]
-    assert [r["file"] for r in records] == [str(folder / "hopper.JPG"), str(folder / "sub" / "again.jpeg")]
+    assert [r["file"] for r in records] == [
+        str(folder / "hopper.JPG"),
+        str(folder / "sub" / "again.jpeg"),
+    ]
     check_face(records[0], 512, 600)
-    assert {**records[0], "file": ""} == {**records[1], "file": ""}  # both faces went through one model call
+    # both faces went through one model call
+    assert {**records[0], "file": ""} == {**records[1], "file": ""}
     assert (folder.parent / "annotated" / "hopper.JPG").is_file()
     assert (folder.parent / "annotated" / "sub" / "again.jpeg").is_file()
     problems = [line for line in err.splitlines() if line.startswith(str(folder))]
@@ -101,7 +115,9 @@ def test_csv_has_a_header_and_one_row(setup, capsys):
     status, out, _ = predict(setup, capsys, GRACE_HOPPER, "--format", "csv")
     assert status == 0
     rows = list(csv.DictReader(io.StringIO(out)))
-    assert out.startswith("file,face,x1,y1,x2,y2,confidence,gender,gender_prob,age,age_bin,age_bin_prob\n")
+    assert out.startswith(
+        "file,face,x1,y1,x2,y2,confidence,gender,gender_prob,age,age_bin,age_bin_prob\n"
+    )
     assert len(rows) == 1 and rows[0]["face"] == "0" and rows[0]["gender"] in ("male", "female")
     assert 0 <= float(rows[0]["age"]) <= 100
 
@@ -124,14 +140,26 @@ def test_nothing_predicted_exits_1(setup, capsys, folder, tmp_path):
     Image.new("1", (6500, 6500)).save(folder / "huge.png")  # over the decompression-bomb guard
     status, out, err = predict(setup, capsys, folder, tmp_path / "missing.jpg")
     assert status == 1 and out == ""
-    for name, reason in [("broken.jpg", "unreadable"), ("gray.png", "no_face"), ("huge.png", "too_large")]:
+    for name, reason in [
+        ("broken.jpg", "unreadable"),
+        ("gray.png", "no_face"),
+        ("huge.png", "too_large"),
+    ]:
         assert f"{folder / name}: {reason}" in err.splitlines()
     assert f"{tmp_path / 'missing.jpg'}: missing" in err.splitlines()
 
 
 def test_missing_model_says_to_train(setup, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main([str(GRACE_HOPPER), "--model", str(tmp_path / "none.keras"), "--params", str(setup / "params.yaml")])
+        main(
+            [
+                str(GRACE_HOPPER),
+                "--model",
+                str(tmp_path / "none.keras"),
+                "--params",
+                str(setup / "params.yaml"),
+            ]
+        )
     assert exit_info.value.code == 1
     assert "dvc repro train" in capsys.readouterr().err
 
@@ -158,7 +186,20 @@ def test_core_functions_batch_and_resize(setup):
 def test_command_line_entry_point(setup, tmp_path):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     result = subprocess.run(
-        [sys.executable, "-m", "agegender.predict", str(GRACE_HOPPER), "--model", str(setup / "model.keras"),
-         "--params", str(setup / "params.yaml")], capture_output=True, text=True, env=env, cwd=tmp_path)
+        [
+            sys.executable,
+            "-m",
+            "agegender.predict",
+            str(GRACE_HOPPER),
+            "--model",
+            str(setup / "model.keras"),
+            "--params",
+            str(setup / "params.yaml"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr
     check_face(json.loads(result.stdout.strip()), 512, 600)

@@ -1,5 +1,6 @@
 """The pyfunc model: logged and registered, loaded back, and served by `mlflow models serve`,
 on a real photo (Grace Hopper, shipped with matplotlib) with a tiny untrained model."""
+
 import base64
 import os
 import signal
@@ -41,7 +42,9 @@ def registered(tmp_path_factory, tracking_uri):
 
     root = tmp_path_factory.mktemp("serving")
     model_path = root / "model.keras"
-    build_networks(SIZE, head_units=(8,), trainable_layers=0, flip=True, brightness=0.1).image_model.save(model_path)
+    build_networks(
+        SIZE, head_units=(8,), trainable_layers=0, flip=True, brightness=0.1
+    ).image_model.save(model_path)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["age_bins"] = BINS
     name = f"test-serving-{uuid.uuid4().hex[:8]}"
@@ -49,8 +52,13 @@ def registered(tmp_path_factory, tracking_uri):
     experiment = mlflow.create_experiment(name, artifact_location=(root / "artifacts").as_uri())
     with mlflow.start_run(experiment_id=experiment):
         info = log_pyfunc(model_path, params, registered_name=name)
-    return {"uri": f"models:/{name}/{info.registered_model_version}", "name": name, "model_path": model_path,
-            "tracking_uri": tracking_uri, "version": info.registered_model_version}
+    return {
+        "uri": f"models:/{name}/{info.registered_model_version}",
+        "name": name,
+        "model_path": model_path,
+        "tracking_uri": tracking_uri,
+        "version": info.registered_model_version,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +87,9 @@ def test_logged_model_carries_signature_requirements_and_code(registered, loaded
     local = Path(mlflow.artifacts.download_artifacts(registered["uri"]))
     requirements = (local / "requirements.txt").read_text().split()
     assert {"tensorflow==2.21.0", "keras==3.15.1"} <= set(requirements)
-    assert any(line.startswith("pillow") for line in requirements) and any(line.startswith("pandas") for line in requirements)
+    assert any(line.startswith("pillow") for line in requirements) and any(
+        line.startswith("pandas") for line in requirements
+    )
     assert (local / "code" / "agegender" / "serving.py").is_file()
     assert (local / "artifacts" / "model.keras").is_file()
 
@@ -87,7 +97,14 @@ def test_logged_model_carries_signature_requirements_and_code(registered, loaded
 def test_pyfunc_predicts_a_real_photo(registered, loaded):
     from mlflow.models import infer_signature
 
-    frame = pd.DataFrame({"image": [b64_file(GRACE_HOPPER), encode_image(Image.new("RGB", (50, 70), (200, 150, 120)), "PNG")]})
+    frame = pd.DataFrame(
+        {
+            "image": [
+                b64_file(GRACE_HOPPER),
+                encode_image(Image.new("RGB", (50, 70), (200, 150, 120)), "PNG"),
+            ]
+        }
+    )
     result = loaded.predict(frame)
     check_rows(result, 2)
     # the signature is what the inputs and outputs really are
@@ -97,8 +114,10 @@ def test_pyfunc_predicts_a_real_photo(registered, loaded):
     model = load_model(registered["model_path"])
     pixels = as_array(resize_whole(load_rgb(GRACE_HOPPER), SIZE))[None].astype(np.float32)
     outputs = model.predict(pixels, verbose=0)
-    assert result["age"][0] == pytest.approx(float(outputs["age"][0] @ np.arange(101)), abs=0.06)  # 1 decimal
-    assert result["gender_prob"][0] == pytest.approx(float(outputs["gender"][0].max()), abs=6e-5)  # 4 decimals
+    # 1 decimal
+    assert result["age"][0] == pytest.approx(float(outputs["age"][0] @ np.arange(101)), abs=0.06)
+    # 4 decimals
+    assert result["gender_prob"][0] == pytest.approx(float(outputs["gender"][0].max()), abs=6e-5)
     assert result["gender"][0] == ("female", "male")[int(outputs["gender"][0].argmax())]
 
 
@@ -116,8 +135,12 @@ def test_pyfunc_rejects_what_is_not_an_image(loaded):
 
     with pytest.raises(MlflowException, match="row 1: 'image' is not valid base64"):
         loaded.predict(pd.DataFrame({"image": [b64_file(GRACE_HOPPER), "not base64!"]}))
-    with pytest.raises(MlflowException, match="row 0: 'image' is not a decodable JPEG or PNG image"):
-        loaded.predict(pd.DataFrame({"image": [base64.b64encode(b"plain text, no image").decode()]}))
+    with pytest.raises(
+        MlflowException, match="row 0: 'image' is not a decodable JPEG or PNG image"
+    ):
+        loaded.predict(
+            pd.DataFrame({"image": [base64.b64encode(b"plain text, no image").decode()]})
+        )
 
 
 def test_python_model_answers_an_empty_frame(loaded):
@@ -137,14 +160,18 @@ def wait_until_up(process, url, log, timeout=120):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            pytest.fail(f"mlflow models serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            pytest.fail(
+                f"mlflow models serve exited with {process.returncode}:\n{log.read_text()[-4000:]}"
+            )
         try:
             if requests.get(f"{url}/ping", timeout=2).status_code == 200:
                 return
         except requests.ConnectionError:
             pass
         time.sleep(0.5)
-    pytest.fail(f"mlflow models serve did not answer /ping within {timeout} s:\n{log.read_text()[-4000:]}")
+    pytest.fail(
+        f"mlflow models serve did not answer /ping within {timeout} s:\n{log.read_text()[-4000:]}"
+    )
 
 
 def stop(process):
@@ -166,21 +193,50 @@ def stop(process):
 def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking_uri"], "TF_CPP_MIN_LOG_LEVEL": "2"}
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registered["tracking_uri"],
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
     log = tmp_path / "serve.log"
-    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", registered["uri"],
-               "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    command = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        registered["uri"],
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     with open(log, "wb") as output:
-        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
-                                   stdin=subprocess.DEVNULL, start_new_session=True)
+        process = subprocess.Popen(
+            command,
+            cwd=tmp_path,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     try:
         wait_until_up(process, url, log)
-        answer = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": b64_file(GRACE_HOPPER)}]},
-                               timeout=60)
+        answer = requests.post(
+            f"{url}/invocations",
+            json={"dataframe_records": [{"image": b64_file(GRACE_HOPPER)}]},
+            timeout=60,
+        )
         assert answer.status_code == 200, answer.text
         check_rows(pd.DataFrame(answer.json()["predictions"]), 1)
 
-        refused = requests.post(f"{url}/invocations", json={"dataframe_records": [{"image": "not base64!"}]}, timeout=60)
+        refused = requests.post(
+            f"{url}/invocations", json={"dataframe_records": [{"image": "not base64!"}]}, timeout=60
+        )
         assert refused.status_code == 400
         assert "not valid base64" in refused.json()["message"]
     finally:
@@ -191,17 +247,31 @@ def test_mlflow_models_serve_answers_invocations(registered, tmp_path):
 def test_served_model_uses_its_own_copy_of_the_package(registered, tmp_path):
     """Loading puts the package copy the model carries (code_paths) first on sys.path, so
     `--env-manager local` serves without an installed agegender."""
-    script = ("import mlflow, sys; mlflow.pyfunc.load_model(sys.argv[1]); "
-              "import agegender; print(agegender.__file__)")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": registered["tracking_uri"], "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "-c", script, registered["uri"]], cwd=tmp_path, env=env,
-                            capture_output=True, text=True, timeout=300)
+    script = (
+        "import mlflow, sys; mlflow.pyfunc.load_model(sys.argv[1]); "
+        "import agegender; print(agegender.__file__)"
+    )
+    env = {
+        **os.environ,
+        "MLFLOW_TRACKING_URI": registered["tracking_uri"],
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script, registered["uri"]],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     path = Path(result.stdout.strip().splitlines()[-1])
     assert path.parent.parent.name == "code", path
 
 
-def test_dlib_model_is_served_on_crops_with_its_face_models(tmp_path, tracking_uri, sample_dir, face_models):
+def test_dlib_model_is_served_on_crops_with_its_face_models(
+    tmp_path, tracking_uri, sample_dir, face_models
+):
     """A dlib_resnet model logs dlib's files beside the heads, so the served model takes face
     crops and answers as the inference core does on the same crops."""
     import mlflow
@@ -215,13 +285,20 @@ def test_dlib_model_is_served_on_crops_with_its_face_models(tmp_path, tracking_u
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["age_bins"] = BINS
     mlflow.set_tracking_uri(tracking_uri)
-    experiment = mlflow.create_experiment(f"test-dlib-{uuid.uuid4().hex[:8]}",
-                                          artifact_location=(tmp_path / "artifacts").as_uri())
+    experiment = mlflow.create_experiment(
+        f"test-dlib-{uuid.uuid4().hex[:8]}", artifact_location=(tmp_path / "artifacts").as_uri()
+    )
     with mlflow.start_run(experiment_id=experiment):
-        info = log_pyfunc(tmp_path / "model.keras", params, registered_name=None, face_models_dir=weights)
+        info = log_pyfunc(
+            tmp_path / "model.keras", params, registered_name=None, face_models_dir=weights
+        )
     served = mlflow.pyfunc.load_model(info.model_uri)
     faces = sorted((sample_dir / "91").glob("*.jpg"))[:3]
     result = served.predict(pd.DataFrame({"image": [b64_file(path) for path in faces]}))
     check_rows(result, 3)
-    expected = Predictor.load(tmp_path / "model.keras", weights).outputs([load_rgb(path) for path in faces])
-    np.testing.assert_allclose(result["age"], np.round(expected["age"] @ np.arange(101), 1), atol=1e-9)
+    expected = Predictor.load(tmp_path / "model.keras", weights).outputs(
+        [load_rgb(path) for path in faces]
+    )
+    np.testing.assert_allclose(
+        result["age"], np.round(expected["age"] @ np.arange(101), 1), atol=1e-9
+    )

@@ -1,4 +1,5 @@
 """agegender.stages.split: identity-disjoint, stratified train/val/test."""
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -18,8 +19,14 @@ def records():
         gender = int(rng.random() < 0.75)
         age = int(rng.integers(18, 80))
         for image in range(count):
-            rows.append({"full_path": f"{number % 100:02d}/{number}_{image}.jpg", "identity": f"name:person {number}",
-                         "gender": gender, "age": min(100, age + image)})
+            rows.append(
+                {
+                    "full_path": f"{number % 100:02d}/{number}_{image}.jpg",
+                    "identity": f"name:person {number}",
+                    "gender": gender,
+                    "age": min(100, age + image),
+                }
+            )
     table = pd.DataFrame(rows)
     return table.sample(frac=1, random_state=0).reset_index(drop=True)  # order must not matter
 
@@ -63,24 +70,32 @@ def test_gender_share_is_kept_in_each_split(records):
 def test_same_seed_same_assignment_other_seed_another(records):
     first = assign_splits(records, FRACTIONS, 10, seed=42)
     assert first.equals(assign_splits(records, FRACTIONS, 10, seed=42))
-    assert first.equals(assign_splits(records.iloc[::-1], FRACTIONS, 10, seed=42).loc[records.index])
+    assert first.equals(
+        assign_splits(records.iloc[::-1], FRACTIONS, 10, seed=42).loc[records.index]
+    )
     other = assign_splits(records, FRACTIONS, 10, seed=7)
     assert not first.equals(other)
     assert (first != other).sum() > 50
 
 
 def test_identity_strata_from_first_image_by_path():
-    table = pd.DataFrame({
-        "full_path": ["b.jpg", "a.jpg", "c.jpg"], "identity": ["x", "x", "y"],
-        "gender": [1, 0, 1], "age": [35, 19, 61],
-    })
+    table = pd.DataFrame(
+        {
+            "full_path": ["b.jpg", "a.jpg", "c.jpg"],
+            "identity": ["x", "x", "y"],
+            "gender": [1, 0, 1],
+            "age": [35, 19, 61],
+        }
+    )
     strata = identity_strata(table, 10)
     assert strata.to_dict() == {"x": "0_1", "y": "1_6"}
 
 
 def test_split_metrics_counts():
     parts = {
-        "train": pd.DataFrame({"identity": ["a", "a", "b", "c"], "gender": [1, 1, 0, 1], "age": [20, 22, 30, 40]}),
+        "train": pd.DataFrame(
+            {"identity": ["a", "a", "b", "c"], "gender": [1, 1, 0, 1], "age": [20, 22, 30, 40]}
+        ),
         "val": pd.DataFrame({"identity": ["d"], "gender": [0], "age": [50]}),
         "test": pd.DataFrame({"identity": [], "gender": [], "age": []}),
     }

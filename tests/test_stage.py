@@ -40,8 +40,10 @@ def test_a_stage_missing_from_dvc_yaml_is_named(repo_params):
 def test_every_stage_with_metrics_has_them_in_dvc_yaml():
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
     for name, path in STAGE_METRICS.items():
-        files = [next(iter(entry)) if isinstance(entry, dict) else entry
-                 for entry in stages[name].get("metrics", [])]
+        files = [
+            next(iter(entry)) if isinstance(entry, dict) else entry
+            for entry in stages[name].get("metrics", [])
+        ]
         assert str(path) in files, f"dvc.yaml stage {name} does not list {path} as metrics"
 
 
@@ -70,8 +72,13 @@ def test_a_stage_writes_its_metrics_and_logs_exactly_its_params(tracked_project)
     assert json.loads(STAGE_METRICS["split"].read_text()) == {"train": {"images": 8}}
     (run,) = stage_runs(tracked_project)
     assert run.info.status == "FINISHED" and run.data.metrics == {"train.images": 8.0}
-    assert set(run.data.params) == {"seed", "split.train", "split.val", "split.test",
-                                    "split.age_bin_width"}
+    assert set(run.data.params) == {
+        "seed",
+        "split.train",
+        "split.val",
+        "split.test",
+        "split.age_bin_width",
+    }
 
 
 def test_a_failing_stage_exits_with_a_paragraph_and_leaves_a_failed_run(tracked_project, capsys):

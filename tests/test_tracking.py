@@ -1,4 +1,5 @@
 """agegender.tracking: where the MLflow store is, and one parent run per pipeline execution."""
+
 import subprocess
 import sys
 import uuid
@@ -51,17 +52,25 @@ def test_tracking_uri_from_environment(no_env):
 
 
 def test_flatten():
-    assert flatten({"a": 1, "b": {"c": 2, "d": {"e": [1, 2]}}}) == {"a": 1, "b.c": 2, "b.d.e": [1, 2]}
+    assert flatten({"a": 1, "b": {"c": 2, "d": {"e": [1, 2]}}}) == {
+        "a": 1,
+        "b.c": 2,
+        "b.d.e": [1, 2],
+    }
 
 
 def test_pipeline_key_is_the_dvc_ancestor(tmp_path):
     """Two stages started by one `dvc repro` share the key; a stage run by hand gets its own."""
     fake_dvc = tmp_path / "bin" / "dvc"
     fake_dvc.parent.mkdir()
-    stage = f"{sys.executable} -c 'from agegender.tracking import pipeline_key; print(pipeline_key())'"
+    stage = (
+        f"{sys.executable} -c 'from agegender.tracking import pipeline_key; print(pipeline_key())'"
+    )
     fake_dvc.write_text(f"#!/bin/sh\necho $$\n{stage}\n{stage}\ntrue\n")
     fake_dvc.chmod(0o755)
-    lines = subprocess.run([str(fake_dvc), "repro"], capture_output=True, text=True, check=True).stdout.split()
+    lines = subprocess.run(
+        [str(fake_dvc), "repro"], capture_output=True, text=True, check=True
+    ).stdout.split()
     dvc_pid, first, second = lines
     assert first == second
     assert first.startswith(f":{dvc_pid}-")
@@ -139,8 +148,11 @@ def test_the_parent_run_carries_the_headline_params_and_figures(mlflow_env):
 
 
 def test_headline_params_are_picked_from_the_whole_file():
-    params = {"data": {"dataset": "sample", "url": ""}, "train": {"lr": 0.01, "dropout": 0.3},
-              "model": {"backbone": "vgg16"}}
+    params = {
+        "data": {"dataset": "sample", "url": ""},
+        "train": {"lr": 0.01, "dropout": 0.3},
+        "model": {"backbone": "vgg16"},
+    }
     picked = tracking.headline_params(params)
     assert picked == {"data.dataset": "sample", "model.backbone": "vgg16", "train.lr": 0.01}
 
@@ -192,7 +204,7 @@ def test_unusable_store_warns_and_runs_the_body(no_env, tmp_path):
     with pytest.warns(UserWarning, match="MLflow tracking skipped for stage 'filter'"):
         with stage_run("filter", {"limit": 0}) as run:
             ran.append(run.active)
-            run.log_metrics({"kept": 1})           # no-ops, no error
+            run.log_metrics({"kept": 1})  # no-ops, no error
             run.log_artifact(tmp_path / "a-file")
     assert ran == [False]
     assert blocker.read_text() == "not a directory"

@@ -5,6 +5,7 @@ exact wiki_crop archive layout, so the pipeline treats it like the official down
 
 Deterministic: same inputs give a byte-identical archive (sorted members, zero mtimes).
 """
+
 import gzip
 import io
 import sys
@@ -14,7 +15,16 @@ from pathlib import Path
 import numpy as np
 import scipy.io
 
-FIELDS = ("dob", "photo_taken", "full_path", "gender", "name", "face_location", "face_score", "second_face_score")
+FIELDS = (
+    "dob",
+    "photo_taken",
+    "full_path",
+    "gender",
+    "name",
+    "face_location",
+    "face_score",
+    "second_face_score",
+)
 
 
 def sample_records(mat_path, image_root):
@@ -52,7 +62,10 @@ def main(source, output):
     source, output = Path(source), Path(output)
     image_root = source / "wiki_crop64"
     records = sample_records(source / "wiki.mat", image_root)
-    with open(output, "wb") as raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz:
+    with (
+        open(output, "wb") as raw,
+        gzip.GzipFile(filename="", fileobj=raw, mode="wb", mtime=0) as gz,
+    ):
         with tarfile.open(fileobj=gz, mode="w", format=tarfile.USTAR_FORMAT) as tar:
             add(tar, "wiki_crop/wiki.mat", mat_bytes(records))
             for path in sorted(records["full_path"]):

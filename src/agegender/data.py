@@ -1,14 +1,22 @@
 """The tf.data input pipeline: split table -> batches of (image, one-hot labels)."""
+
 from pathlib import Path
 
-import numpy as np
 import tensorflow as tf
 
 from agegender.labels import TASKS, label_indices
 
 
-def image_dataset(table, image_dir, input_size, batch_size, shuffle_seed=None, flip=False, cache=False,
-                  gender_weights=None):
+def image_dataset(
+    table,
+    image_dir,
+    input_size,
+    batch_size,
+    shuffle_seed=None,
+    flip=False,
+    cache=False,
+    gender_weights=None,
+):
     """Decode in parallel but in a fixed order, so a seed gives the same batches every run.
     `cache` keeps the decoded images in memory after the first epoch; `flip` mirrors every image;
     `gender_weights` (one per class) adds per-sample loss weights."""
@@ -24,7 +32,10 @@ def image_dataset(table, image_dir, input_size, batch_size, shuffle_seed=None, f
         one_hot = {task: tf.one_hot(label[task], classes) for task, classes in TASKS.items()}
         if gender_weights is None:
             return image, one_hot
-        weights = {"gender": tf.gather(tf.constant(gender_weights, tf.float32), label["gender"]), "age": tf.constant(1.0)}
+        weights = {
+            "gender": tf.gather(tf.constant(gender_weights, tf.float32), label["gender"]),
+            "age": tf.constant(1.0),
+        }
         return image, one_hot, weights
 
     def shuffled(dataset):
@@ -33,7 +44,11 @@ def image_dataset(table, image_dir, input_size, batch_size, shuffle_seed=None, f
         return dataset.shuffle(len(paths), seed=shuffle_seed, reshuffle_each_iteration=True)
 
     if cache:  # decode once, then shuffle the decoded images held in memory
-        dataset = shuffled(dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache())
+        dataset = shuffled(
+            dataset.map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
+        )
     else:  # shuffle the paths, a small buffer, then decode
-        dataset = shuffled(dataset).map(load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        dataset = shuffled(dataset).map(
+            load, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True
+        )
     return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)

@@ -1,8 +1,10 @@
-"""Where each dataset and backbone's weights come from, in one place, so stages never hard-code URLs.
+"""Where each dataset and backbone's weights come from, in one place, so stages never hard-code
+URLs.
 
 IMDB-WIKI (https://data.vision.ee.ethz.ch/cvl/rrothe/imdb-wiki/) publishes no sizes or
 checksums, so those stay None: verifying against numbers we made up would be worse than none.
 """
+
 from pathlib import Path
 
 IMDB_WIKI = "https://data.vision.ee.ethz.ch/cvl/rrothe/imdb-wiki/static/"
@@ -16,24 +18,29 @@ def _archive(url, size=None, md5=None, sha256=None):
 DATASETS = {
     "sample": {  # bundled with the repository: a real subset of wiki_crop, runs offline
         "archives": [_archive("data/sample/wiki_crop_sample.tar.gz")],
-        "folder": "wiki_crop", "mat": "wiki.mat",
+        "folder": "wiki_crop",
+        "mat": "wiki.mat",
     },
     "wiki_crop": {
         "archives": [_archive(IMDB_WIKI + "wiki_crop.tar")],
-        "folder": "wiki_crop", "mat": "wiki.mat",
+        "folder": "wiki_crop",
+        "mat": "wiki.mat",
     },
     "imdb_crop": {
         "archives": [_archive(IMDB_WIKI + "imdb_crop.tar")],
-        "folder": "imdb_crop", "mat": "imdb.mat",
+        "folder": "imdb_crop",
+        "mat": "imdb.mat",
     },
     "wiki": {
         "archives": [_archive(IMDB_WIKI + "wiki.tar.gz")],
-        "folder": "wiki", "mat": "wiki.mat",
+        "folder": "wiki",
+        "mat": "wiki.mat",
     },
     "imdb": {
         "archives": [_archive(f"{IMDB_WIKI}imdb_{i}.tar") for i in range(10)]
         + [_archive(IMDB_WIKI + "imdb_meta.tar")],
-        "folder": "imdb", "mat": "imdb.mat",
+        "folder": "imdb",
+        "mat": "imdb.mat",
     },
 }
 
@@ -61,7 +68,8 @@ WEIGHTS = {
             "md5": "4d473c1dd8becc155b73f8504c6f6626",
         },
     },
-    "efficientnetb0": {  # Keras keeps these under keras-applications/, not tensorflow/keras-applications/
+    # Keras keeps these under keras-applications/, not tensorflow/keras-applications/
+    "efficientnetb0": {
         "top": {
             "url": "https://storage.googleapis.com/keras-applications/efficientnetb0.h5",
             "md5": "902e53a9f72be733fc0bcb005b3ebbac",
@@ -77,7 +85,8 @@ WEIGHTS = {
             "md5": "8768d4c2e7dee89b9d02b2d03d65d862",
         },
         "notop": {
-            "url": KERAS_APPS + "mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
+            "url": KERAS_APPS
+            + "mobilenet_v3/weights_mobilenet_v3_small_224_1.0_float_no_top_v2.h5",
             "md5": "d3e8ec802a04aa4fc771ee12a9a9b836",
         },
     },

@@ -3,12 +3,12 @@ mirrored, several machines (TF_CONFIG) with MultiWorkerMirroredStrategy.
 
 TensorFlow-only calls live here, at the edge, so the model code stays plain Keras.
 """
+
 import json
 import os
 
 import keras
 import tensorflow as tf
-
 
 
 def resolve(setting, gpus):
@@ -18,7 +18,9 @@ def resolve(setting, gpus):
 
 def cluster_workers():
     config = json.loads(os.environ.get("TF_CONFIG") or "{}")
-    return len(config.get("cluster", {}).get("worker", [])) + len(config.get("cluster", {}).get("chief", []))
+    return len(config.get("cluster", {}).get("worker", [])) + len(
+        config.get("cluster", {}).get("chief", [])
+    )
 
 
 def configure(mixed_precision, jit_compile, deterministic):
@@ -55,4 +57,8 @@ def is_chief():
     task = config.get("task", {})
     if not task or task.get("type") == "chief":
         return True
-    return task.get("type") == "worker" and task.get("index") == 0 and "chief" not in config.get("cluster", {})
+    return (
+        task.get("type") == "worker"
+        and task.get("index") == 0
+        and "chief" not in config.get("cluster", {})
+    )

@@ -1,4 +1,5 @@
 """One error type for every expected failure, and the wrapper that prints it as a paragraph."""
+
 import errno
 import functools
 import sys
@@ -21,9 +22,12 @@ def exits_cleanly(main):
         except OSError as error:
             if error.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
                 raise
-            print(f"error: could not write {error.filename or 'an output'} ({error.strerror}). Free disk space or "
-                  f"make it writable, then re-run: outputs are written whole or not at all, so nothing "
-                  f"half-written was left behind.", file=sys.stderr)
+            print(
+                f"error: could not write {error.filename or 'an output'} ({error.strerror}). "
+                "Free disk space or make it writable, then re-run: outputs are written whole or "
+                "not at all, so nothing half-written was left behind.",
+                file=sys.stderr,
+            )
             sys.exit(1)
 
     return wrapper

@@ -1,6 +1,7 @@
 """Other labelled face sets (UTKFace, a CSV such as FairFace's) read into one table, and the
 figures the evaluate_external stage reports for them: the own test split comes from the same
 photos as training, so only another set shows how the model travels and whom it fails."""
+
 import math
 import re
 from pathlib import Path
@@ -29,41 +30,58 @@ def check_sets(sets, where="params.yaml"):
     for index, entry in enumerate(sets):
         at = f"{where}: external.sets[{index}]"
         if not isinstance(entry, dict):
-            raise PipelineError(f"{at} must be a mapping such as {{name: utkface, format: utkface, path: "
-                                f"../shared/data/utkface/images}}; fix the entry.")
+            raise PipelineError(
+                f"{at} must be a mapping such as {{name: utkface, format: utkface, path: "
+                f"../shared/data/utkface/images}}; fix the entry."
+            )
         for key in entry:
             if key not in KEYS:
-                raise PipelineError(f"{at}.{key} is not a known key; allowed: {', '.join(KEYS)}. "
-                                    f"Fix the spelling or remove it.")
+                raise PipelineError(
+                    f"{at}.{key} is not a known key; allowed: {', '.join(KEYS)}. "
+                    f"Fix the spelling or remove it."
+                )
         name = entry.get("name")
         if not isinstance(name, str) or not NAME.fullmatch(name):
-            raise PipelineError(f"{at}.name is {name!r}; give every set a name of letters, digits, '_', '.' "
-                                f"or '-' (it names the set's figures and metrics).")
+            raise PipelineError(
+                f"{at}.name is {name!r}; give every set a name of letters, digits, '_', '.' "
+                f"or '-' (it names the set's figures and metrics)."
+            )
         if name in seen:
-            raise PipelineError(f"{at}.name '{name}' repeats external.sets[{seen[name]}].name; give each set "
-                                f"its own name.")
+            raise PipelineError(
+                f"{at}.name '{name}' repeats external.sets[{seen[name]}].name; give each set "
+                f"its own name."
+            )
         seen[name] = index
         form = entry.get("format")
         if form not in FORMATS:
-            raise PipelineError(f"{at}.format is {form!r}; use utkface (a folder of UTKFace-named images) or csv "
-                                f"(a CSV file with columns path,age,gender).")
+            raise PipelineError(
+                f"{at}.format is {form!r}; use utkface (a folder of UTKFace-named images) or csv "
+                f"(a CSV file with columns path,age,gender)."
+            )
         path = entry.get("path")
         if not isinstance(path, str) or not path.strip():
-            raise PipelineError(f"{at}.path is missing; give the set's "
-                                f"{'image folder' if form == 'utkface' else 'CSV file'}.")
+            raise PipelineError(
+                f"{at}.path is missing; give the set's "
+                f"{'image folder' if form == 'utkface' else 'CSV file'}."
+            )
         wanted = Path(path).is_dir() if form == "utkface" else Path(path).is_file()
         if not wanted:
             kind = "folder" if form == "utkface" else "file"
-            raise PipelineError(f"{at}.path {path} is not an existing {kind} (paths are relative to the "
-                                f"repository root); fix the path, or remove the set.")
+            raise PipelineError(
+                f"{at}.path {path} is not an existing {kind} (paths are relative to the "
+                f"repository root); fix the path, or remove the set."
+            )
         margin = entry.get("face_margin", 0.0)
         if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not 0 <= margin <= 5:
-            raise PipelineError(f"{at}.face_margin is {margin!r}; give the share of the face box the images "
-                                f"carry on each side, a number from 0 (tight faces) to 5, or leave it out.")
+            raise PipelineError(
+                f"{at}.face_margin is {margin!r}; give the share of the face box the images "
+                f"carry on each side, a number from 0 (tight faces) to 5, or leave it out."
+            )
 
 
 def face_margin(entry, crop_margin):
-    """UTKFace's aligned faces are tight; a CSV set is taken to be framed like the training crops."""
+    """UTKFace's aligned faces are tight; a CSV set is taken to be framed like the training
+    crops."""
     return float(entry.get("face_margin", 0.0 if entry["format"] == "utkface" else crop_margin))
 
 
@@ -83,15 +101,18 @@ def parse_utkface_name(name):
         raise ValueError(f"gender {gender} not 0 or 1")
     if not 0 <= race < len(UTK_RACES):
         raise ValueError(f"race {race} not 0-{len(UTK_RACES) - 1}")
-    return {"age": float(age), "gender": 1 - gender, "ethnicity": UTK_RACES[race]}  # UTKFace: 0 male, 1 female
+    # UTKFace: 0 male, 1 female
+    return {"age": float(age), "gender": 1 - gender, "ethnicity": UTK_RACES[race]}
 
 
 def utkface_records(folder):
     """(table, bad) for the images under `folder`: one row per parsed name (COLUMNS), and
     "name: why" for each name that does not parse, in path order."""
     folder = Path(folder)
-    files = sorted((p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)),
-                   key=lambda p: p.relative_to(folder).as_posix())
+    files = sorted(
+        (p for p in folder.rglob("*") if p.is_file() and p.name.lower().endswith(IMAGE_SUFFIXES)),
+        key=lambda p: p.relative_to(folder).as_posix(),
+    )
     rows, bad = [], []
     for path in files:
         file = path.relative_to(folder).as_posix()
@@ -100,7 +121,9 @@ def utkface_records(folder):
         except ValueError as error:
             bad.append(f"{file}: {error}")
             continue
-        rows.append({"path": str(path), "file": file, "age_min": math.nan, "age_max": math.nan, **labels})
+        rows.append(
+            {"path": str(path), "file": file, "age_min": math.nan, "age_max": math.nan, **labels}
+        )
     return pd.DataFrame(rows, columns=COLUMNS), bad
 
 
@@ -126,32 +149,46 @@ def parse_age(value, column):
 
 
 def parse_row(row):
-    """A CSV row's labels; an empty age_max with an age_min is an open group (FairFace's "more than 70")."""
+    """A CSV row's labels; an empty age_max with an age_min is an open group (FairFace's "more
+    than 70")."""
     if not str(row["path"]).strip():
         raise ValueError("no path")
-    age, age_min, age_max = (parse_age(row.get(column, ""), column) for column in ("age", "age_min", "age_max"))
+    age, age_min, age_max = (
+        parse_age(row.get(column, ""), column) for column in ("age", "age_min", "age_max")
+    )
     if math.isnan(age_min) and not math.isnan(age_max):
         raise ValueError("age_max without age_min")
     if not math.isnan(age_min) and not math.isnan(age_max) and age_min > age_max:
         raise ValueError(f"age_min {age_min:g} above age_max {age_max:g}")
     if math.isnan(age) and math.isnan(age_min):
         raise ValueError("neither age nor age_min")
-    return {"age": age, "age_min": age_min, "age_max": math.inf if math.isnan(age_max) and not math.isnan(age_min)
-            else age_max, "gender": parse_gender(row["gender"]), "ethnicity": str(row.get("ethnicity", "")).strip()}
+    return {
+        "age": age,
+        "age_min": age_min,
+        "age_max": math.inf if math.isnan(age_max) and not math.isnan(age_min) else age_max,
+        "gender": parse_gender(row["gender"]),
+        "ethnicity": str(row.get("ethnicity", "")).strip(),
+    }
 
 
 def csv_records(csv_path):
-    """(table, bad) for a CSV with columns path,age,gender[,age_min,age_max][,ethnicity]; image paths
-    are relative to the CSV's folder; bad rows as "row N (path): why", N counting the header as row 1."""
+    """(table, bad) for a CSV with columns path,age,gender[,age_min,age_max][,ethnicity]; image
+    paths are relative to the CSV's folder; bad rows as "row N (path): why", N counting the header
+    as row 1."""
     csv_path = Path(csv_path)
     try:
         table = pd.read_csv(csv_path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as error:
-        raise PipelineError(f"{csv_path} is not a readable CSV ({str(error).strip()}); fix the file.") from None
+        raise PipelineError(
+            f"{csv_path} is not a readable CSV ({str(error).strip()}); fix the file."
+        ) from None
     missing = [column for column in ("path", "age", "gender") if column not in table.columns]
     if missing:
-        raise PipelineError(f"{csv_path} lacks the column(s) {', '.join(missing)}; a set's CSV needs path,age,gender "
-                            f"(age may be empty where age_min,age_max give the age group) and may add ethnicity.")
+        raise PipelineError(
+            f"{csv_path} lacks the column(s) {', '.join(missing)}; "
+            f"a set's CSV needs path,age,gender "
+            f"(age may be empty where age_min,age_max give the age group) and may add ethnicity."
+        )
     rows, bad = [], []
     for number, row in enumerate(table.to_dict("records"), start=2):
         try:
@@ -166,7 +203,11 @@ def csv_records(csv_path):
 
 def records(entry):
     """(table, bad) of one checked set."""
-    return utkface_records(entry["path"]) if entry["format"] == "utkface" else csv_records(entry["path"])
+    return (
+        utkface_records(entry["path"])
+        if entry["format"] == "utkface"
+        else csv_records(entry["path"])
+    )
 
 
 def _group(hit, error, in_group, members, cs_years, with_groups):
@@ -176,17 +217,22 @@ def _group(hit, error, in_group, members, cs_years, with_groups):
     def share(values, mask):
         return float(values[mask].mean()) if mask.any() else None
 
-    row = {"count": int(members.sum()), "gender_accuracy": share(hit, members), "mae": share(error, aged),
-           f"cs{cs_years}": share(error <= cs_years, aged)}
+    row = {
+        "count": int(members.sum()),
+        "gender_accuracy": share(hit, members),
+        "mae": share(error, aged),
+        f"cs{cs_years}": share(error <= cs_years, aged),
+    }
     if with_groups:
         row["group_accuracy"] = share(in_group, grouped)
     return row
 
 
 def score(table, outputs, edges, cs_years):
-    """The set's figures from its scored rows (`table`, COLUMNS) and their model outputs. Age is the
-    expected value over the 101 outputs; a group such as 20-29 holds every expected age from 20 up to
-    30, as ages counted in whole years do; a row with only a group is binned by its lower bound."""
+    """The set's figures from its scored rows (`table`, COLUMNS) and their model outputs. Age is
+    the expected value over the 101 outputs; a group such as 20-29 holds every expected age from 20
+    up to 30, as ages counted in whole years do; a row with only a group is binned by its lower
+    bound."""
     gender = table["gender"].to_numpy(int)
     age = table["age"].to_numpy(float)
     low, high = table["age_min"].to_numpy(float), table["age_max"].to_numpy(float)
@@ -198,22 +244,39 @@ def score(table, outputs, edges, cs_years):
     with_groups = bool(grouped.any())
     aged = ~np.isnan(age)
 
-    result = {"gender": {**gender_metrics(gender, outputs["gender"], gender.mean()),
-                         "majority": GENDERS[int(gender.mean() >= 0.5)]},
-              "age": {"count": int(aged.sum()), **(age_metrics(age[aged], outputs["age"][aged], edges, cs_years)
-                                                   if aged.any() else {})}}
+    result = {
+        "gender": {
+            **gender_metrics(gender, outputs["gender"], gender.mean()),
+            "majority": GENDERS[int(gender.mean() >= 0.5)],
+        },
+        "age": {
+            "count": int(aged.sum()),
+            **(age_metrics(age[aged], outputs["age"][aged], edges, cs_years) if aged.any() else {}),
+        },
+    }
     if with_groups:
-        result["age_group"] = {"count": int(grouped.sum()), "accuracy": float(in_group[grouped].mean())}
-    result["by_gender"] = {name: _group(hit, error, in_group, gender == index, cs_years, with_groups)
-                           for index, name in enumerate(GENDERS)}
+        result["age_group"] = {
+            "count": int(grouped.sum()),
+            "accuracy": float(in_group[grouped].mean()),
+        }
+    result["by_gender"] = {
+        name: _group(hit, error, in_group, gender == index, cs_years, with_groups)
+        for index, name in enumerate(GENDERS)
+    }
     bins = age_bin(np.where(aged, age, low), edges)
-    result["by_age_bin"] = {label: _group(hit, error, in_group, bins == index, cs_years, with_groups)
-                            for index, label in enumerate(bin_labels(edges))}
+    result["by_age_bin"] = {
+        label: _group(hit, error, in_group, bins == index, cs_years, with_groups)
+        for index, label in enumerate(bin_labels(edges))
+    }
     ethnicity = table["ethnicity"].fillna("").astype(str).to_numpy()
     if (ethnicity != "").any():
         names = sorted(set(ethnicity), key=lambda name: (not name, name))  # unlabelled last
-        result["by_ethnicity"] = {name or "unlabelled": _group(hit, error, in_group, ethnicity == name, cs_years,
-                                                               with_groups) for name in names}
+        result["by_ethnicity"] = {
+            name or "unlabelled": _group(
+                hit, error, in_group, ethnicity == name, cs_years, with_groups
+            )
+            for name in names
+        }
     return result
 
 
@@ -236,11 +299,16 @@ def slice_table(by_slice):
 
 
 def headline(metrics, cs_years):
-    """The few numbers MLflow tracks per set (slice labels such as '60+' are no valid metric names)."""
+    """The few numbers MLflow tracks per set (slice labels such as '60+' are no valid metric
+    names)."""
     age, group = metrics.get("age", {}), metrics.get("age_group", {})
-    figures = {"images": metrics["images"], "scored": metrics["scored"],
-               "gender_accuracy": metrics["gender"]["accuracy"],
-               "gender_majority_baseline": metrics["gender"]["majority_baseline"],
-               "age_mae": age.get("mae"), f"age_cs{cs_years}": age.get(f"cs{cs_years}"),
-               "age_group_accuracy": group.get("accuracy")}
+    figures = {
+        "images": metrics["images"],
+        "scored": metrics["scored"],
+        "gender_accuracy": metrics["gender"]["accuracy"],
+        "gender_majority_baseline": metrics["gender"]["majority_baseline"],
+        "age_mae": age.get("mae"),
+        f"age_cs{cs_years}": age.get(f"cs{cs_years}"),
+        "age_group_accuracy": group.get("accuracy"),
+    }
     return {key: value for key, value in figures.items() if value is not None}

@@ -3,6 +3,7 @@
 Head training reads them instead of images, so a sweep over head or optimizer params does no
 image work at all. Plain NumPy and Keras, so head training also runs under the JAX backend.
 """
+
 import json
 from pathlib import Path
 
@@ -18,7 +19,9 @@ def save_features(directory, name, array, exact=False):
     with np.errstate(over="ignore"):
         small = array.astype(np.float16)
     stored = small if np.isfinite(small).all() and not exact else array.astype(np.float32)
-    replace_atomically(Path(directory) / f"{name}.npy", lambda tmp: np.save(open(tmp, "wb"), stored))
+    replace_atomically(
+        Path(directory) / f"{name}.npy", lambda tmp: np.save(open(tmp, "wb"), stored)
+    )
 
 
 def load_features(directory, name):
@@ -69,7 +72,12 @@ class FeatureBatches(keras.utils.PyDataset):
 
     def __init__(self, features, labels, sample_weights, batch_size, seed, flipped=None, epoch=0):
         super().__init__()
-        self.features, self.flipped, self.labels, self.sample_weights = features, flipped, labels, sample_weights
+        self.features, self.flipped, self.labels, self.sample_weights = (
+            features,
+            flipped,
+            labels,
+            sample_weights,
+        )
         self.batch_size, self.seed = batch_size, seed
         self.set_epoch(epoch)
 
@@ -82,13 +90,15 @@ class FeatureBatches(keras.utils.PyDataset):
         self.epoch = epoch
         rng = np.random.default_rng([self.seed, epoch])
         self.order = rng.permutation(len(self.features))
-        self.use_flipped = rng.random(len(self.features)) < 0.5 if self.flipped is not None else None
+        self.use_flipped = (
+            rng.random(len(self.features)) < 0.5 if self.flipped is not None else None
+        )
 
     def on_epoch_end(self):
         self.set_epoch(self.epoch + 1)
 
     def __getitem__(self, index):
-        rows = self.order[index * self.batch_size:(index + 1) * self.batch_size]
+        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
         x = self.features[rows]
         if self.use_flipped is not None:
             mirrored = self.use_flipped[rows].reshape((-1,) + (1,) * (x.ndim - 1))

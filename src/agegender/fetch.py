@@ -1,5 +1,6 @@
 """Downloading and unpacking pipeline inputs so that a dropped connection, a corrupt file or a
 hostile archive ends in a clear error or a resumed transfer, never in a half-written input."""
+
 import hashlib
 import os
 import shutil
@@ -84,7 +85,8 @@ def download(url, dest, *, size=None, sha256=None, md5=None, chunk=1 << 20, hint
         if (problem := mismatch(dest, size, sha256, md5)) is None:
             return dest
         raise PipelineError(
-            f"{dest} exists but does not match {url}: {problem}. Delete {dest} to download it again."
+            f"{dest} exists but does not match {url}: {problem}. "
+            f"Delete {dest} to download it again."
         )
     dest.parent.mkdir(parents=True, exist_ok=True)
     part = dest.with_suffix(dest.suffix + ".part")
@@ -121,8 +123,13 @@ def _fetch_resuming(url, dest, part, size, chunk, hint):
                     f"{'; ' + hint if hint else ''}."
                 ) from None
             last = error.__cause__
-        except (requests.ConnectionError, requests.Timeout, requests.exceptions.ChunkedEncodingError,
-                IncompleteRead, ShortBody) as error:
+        except (
+            requests.ConnectionError,
+            requests.Timeout,
+            requests.exceptions.ChunkedEncodingError,
+            IncompleteRead,
+            ShortBody,
+        ) as error:
             last = error
         if attempt == ATTEMPTS:
             raise PipelineError(
@@ -155,14 +162,24 @@ def _fetch_once(url, part, size, chunk):
         if response.status_code == 416:
             return
         if response.status_code >= 400:
-            raise PipelineError(f"Download of {url} failed: HTTP {response.status_code} {response.reason}.")
+            raise PipelineError(
+                f"Download of {url} failed: HTTP {response.status_code} {response.reason}."
+            )
         if response.status_code != 206:
             offset = 0
         length = response.headers.get("Content-Length")
         expected = offset + int(length) if length is not None else None
-        with open(part, "ab" if offset else "wb") as out, tqdm(
-            total=expected, initial=offset, unit="B", unit_scale=True, desc=part.name[:-5], disable=None
-        ) as bar:
+        with (
+            open(part, "ab" if offset else "wb") as out,
+            tqdm(
+                total=expected,
+                initial=offset,
+                unit="B",
+                unit_scale=True,
+                desc=part.name[:-5],
+                disable=None,
+            ) as bar,
+        ):
             for block in response.iter_content(chunk):
                 out.write(block)
                 bar.update(len(block))
@@ -201,7 +218,9 @@ def _extract_one(archive, dest):
             tar.extractall(dest, filter="data")
     except (tarfile.TarError, OSError, EOFError) as error:
         if isinstance(error, tarfile.FilterError):
-            raise PipelineError(f"{archive}: unsafe member '{error.tarinfo.name}': {error}.") from None
+            raise PipelineError(
+                f"{archive}: unsafe member '{error.tarinfo.name}': {error}."
+            ) from None
         raise PipelineError(
             f"Cannot extract {archive}: {error}. The file is damaged or not a tar archive; "
             f"delete it and download it again."

@@ -1,4 +1,5 @@
 """Writing outputs so that a crash never leaves a half-written file that looks complete."""
+
 import json
 import os
 from pathlib import Path
@@ -19,7 +20,9 @@ def replace_atomically(path, write):
 
 
 def write_json(path, data):
-    replace_atomically(path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n"))
+    replace_atomically(
+        path, lambda tmp: tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    )
 
 
 def read_csv(path):

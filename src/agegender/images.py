@@ -1,10 +1,12 @@
 """Image decoding and face geometry, shared by crop, predict and the tests."""
+
 import warnings
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-Image.MAX_IMAGE_PIXELS = 40_000_000  # refuse decompression bombs early; IMDB-WIKI photos are far smaller
+# refuse decompression bombs early; IMDB-WIKI photos are far smaller
+Image.MAX_IMAGE_PIXELS = 40_000_000
 
 
 class ImageSkip(Exception):
@@ -23,7 +25,8 @@ def load_rgb(path, min_size=1):
             with Image.open(path) as image:
                 image = ImageOps.exif_transpose(image)
                 image.load()
-                if image.mode.startswith("I;16"):  # convert() would clip 16-bit tones, not scale them
+                # convert() would clip 16-bit tones, not scale them
+                if image.mode.startswith("I;16"):
                     image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8))
                 rgb = image.convert("RGB")
     except FileNotFoundError:
@@ -55,7 +58,9 @@ def grow_box(box, margin):
 def crop_face(image, box, size):
     """Cut `box` out of `image` (black outside the photo) and resize it to size x size."""
     left, top, right, bottom = (int(round(v)) for v in box)
-    return image.crop((left, top, right, bottom)).resize((size, size), Image.Resampling.BILINEAR, reducing_gap=2.0)
+    return image.crop((left, top, right, bottom)).resize(
+        (size, size), Image.Resampling.BILINEAR, reducing_gap=2.0
+    )
 
 
 def resize_whole(image, size):

@@ -1,4 +1,5 @@
 """IMDB-WIKI metadata: the MATLAB .mat file as a table, and the rules that clean it."""
+
 from datetime import date, timedelta
 from pathlib import Path
 
@@ -8,22 +9,36 @@ import scipy.io
 
 from agegender.errors import PipelineError
 
-REQUIRED_FIELDS = ("dob", "photo_taken", "full_path", "gender", "face_location", "face_score", "second_face_score")
+REQUIRED_FIELDS = (
+    "dob",
+    "photo_taken",
+    "full_path",
+    "gender",
+    "face_location",
+    "face_score",
+    "second_face_score",
+)
 
 
 def read_mat(path):
     """Load `wiki.mat`/`imdb.mat` into one row per image with ages and 0-based face boxes."""
     path = Path(path)
     if not path.exists():
-        raise PipelineError(f"metadata file {path} not found: run the download stage first (dvc repro download_data).")
+        raise PipelineError(
+            f"metadata file {path} not found: "
+            "run the download stage first (dvc repro download_data)."
+        )
     try:
         mat = scipy.io.loadmat(path, simplify_cells=True)
     except NotImplementedError:
         raise PipelineError(
-            f"{path} is a MATLAB v7.3 (HDF5) file; save it as a v5 .mat (MATLAB: save(..., '-v7')) or use the official file."
+            f"{path} is a MATLAB v7.3 (HDF5) file; save it as a v5 .mat "
+            "(MATLAB: save(..., '-v7')) or use the official file."
         ) from None
     except (ValueError, TypeError, OSError) as error:
-        raise PipelineError(f"{path} is not a readable MATLAB .mat file ({error}); download it again.") from None
+        raise PipelineError(
+            f"{path} is not a readable MATLAB .mat file ({error}); download it again."
+        ) from None
     structs = [key for key in mat if not key.startswith("__")]
     if len(structs) != 1 or not isinstance(mat[structs[0]], dict):
         raise PipelineError(f"{path} should hold one struct (wiki or imdb); it holds {structs}.")
@@ -32,7 +47,10 @@ def read_mat(path):
         fields = {key: [value] for key, value in fields.items()}
     missing = [field for field in REQUIRED_FIELDS if field not in fields]
     if missing:
-        raise PipelineError(f"{path} lacks the field(s) {', '.join(missing)} of the IMDB-WIKI format; use the official file.")
+        raise PipelineError(
+            f"{path} lacks the field(s) {', '.join(missing)} of the IMDB-WIKI format; "
+            "use the official file."
+        )
     return records_table(fields)
 
 
@@ -42,21 +60,28 @@ def records_table(fields):
     birth = [birth_date(d) for d in dob]
     boxes = np.array([box_of(location) for location in fields["face_location"]], dtype=float)
     names = fields.get("name", np.full(len(dob), "", dtype=object))
-    table = pd.DataFrame({
-        "full_path": [str(p) for p in fields["full_path"]],
-        "name": [name if isinstance(name, str) else "" for name in names],
-        "gender": np.asarray(fields["gender"], dtype=float),
-        "dob": [b.isoformat() if b else "" for b in birth],
-        "photo_taken": photo_taken,
-        "age": [age_at_photo(b, year) for b, year in zip(birth, photo_taken)],
-        "face_score": np.asarray(fields["face_score"], dtype=float),
-        "second_face_score": np.asarray(fields["second_face_score"], dtype=float),
-        "x1": boxes[:, 0], "y1": boxes[:, 1], "x2": boxes[:, 2], "y2": boxes[:, 3],
-    })
+    table = pd.DataFrame(
+        {
+            "full_path": [str(p) for p in fields["full_path"]],
+            "name": [name if isinstance(name, str) else "" for name in names],
+            "gender": np.asarray(fields["gender"], dtype=float),
+            "dob": [b.isoformat() if b else "" for b in birth],
+            "photo_taken": photo_taken,
+            "age": [age_at_photo(b, year) for b, year in zip(birth, photo_taken)],
+            "face_score": np.asarray(fields["face_score"], dtype=float),
+            "second_face_score": np.asarray(fields["second_face_score"], dtype=float),
+            "x1": boxes[:, 0],
+            "y1": boxes[:, 1],
+            "x2": boxes[:, 2],
+            "y2": boxes[:, 3],
+        }
+    )
     if "celeb_id" in fields:
         table["identity"] = [f"celeb:{int(c)}" for c in fields["celeb_id"]]
     else:
-        table["identity"] = [f"name:{n}" if n else f"path:{p}" for n, p in zip(table["name"], table["full_path"])]
+        table["identity"] = [
+            f"name:{n}" if n else f"path:{p}" for n, p in zip(table["name"], table["full_path"])
+        ]
     return table
 
 
@@ -91,10 +116,15 @@ def filter_rules(params):
     max_second = params["max_second_face_score"]
     return [
         ("no_face", lambda t: ~(t["face_score"] >= params["min_face_score"])),
-        ("second_face", (lambda t: t["second_face_score"].notna()) if max_second is None
-         else (lambda t: t["second_face_score"] > max_second)),
+        (
+            "second_face",
+            (lambda t: t["second_face_score"].notna())
+            if max_second is None
+            else (lambda t: t["second_face_score"] > max_second),
+        ),
         ("unknown_gender", lambda t: ~t["gender"].isin([0.0, 1.0])),  # gender is a training target
-        ("invalid_date", lambda t: t["age"].isna()),  # dob before year 1, NaN or inf, or no photo year
+        # dob before year 1, NaN or inf, or no photo year
+        ("invalid_date", lambda t: t["age"].isna()),
         ("age_out_of_range", lambda t: ~t["age"].between(params["min_age"], params["max_age"])),
     ]
 

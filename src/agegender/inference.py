@@ -5,6 +5,7 @@ dlib's face-recognition network (`dlib_resnet`) takes the crop's 128-D descripto
 `FaceEncoder` computes from the crop exactly as the features stage did for training.
 predict, serving, evaluate and export all go through here.
 """
+
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,10 @@ from agegender.metrics import bin_labels, bin_probabilities
 
 @dataclass
 class Face:
-    box: tuple          # x1, y1, x2, y2 of the detected face, integer pixels inside the photo
-    confidence: float   # MTCNN's confidence
-    crop: object        # PIL image, the face grown by the margin, size x size, as the crop stage writes it
+    box: tuple  # x1, y1, x2, y2 of the detected face, integer pixels inside the photo
+    confidence: float  # MTCNN's confidence
+    # PIL image, the face grown by the margin, size x size, as the crop stage writes it
+    crop: object
 
 
 def find_faces(image, margin, size, min_face_size=20):
@@ -37,8 +39,12 @@ def find_faces(image, margin, size, min_face_size=20):
 
 def clip_box(box, width, height):
     x1, y1, x2, y2 = box
-    return (int(round(min(max(x1, 0), width))), int(round(min(max(y1, 0), height))),
-            int(round(min(max(x2, 0), width))), int(round(min(max(y2, 0), height))))
+    return (
+        int(round(min(max(x1, 0), width))),
+        int(round(min(max(y1, 0), height))),
+        int(round(min(max(x2, 0), width))),
+        int(round(min(max(y2, 0), height))),
+    )
 
 
 def takes_descriptors(model):
@@ -55,10 +61,13 @@ def open_model(path, hint="run `dvc repro train`"):
         raise PipelineError(f"model file {path} not found; {hint}.")
     try:
         return load_model(path)
-    except (ValueError, OSError, TypeError) as error:  # TypeError: saved by older code (an unknown loss)
+    except (ValueError, OSError, TypeError) as error:
+        # TypeError: saved by older code (an unknown loss)
         reason = str(error).strip().splitlines()[-1]
-        raise PipelineError(f"{path} could not be loaded as a Keras model ({reason}). It may come from an older "
-                            f"version of the training code: rebuild it with `dvc repro train`; {hint}.") from None
+        raise PipelineError(
+            f"{path} could not be loaded as a Keras model ({reason}). It may come from an older "
+            f"version of the training code: rebuild it with `dvc repro train`; {hint}."
+        ) from None
 
 
 class Predictor:
@@ -67,12 +76,21 @@ class Predictor:
 
     def __init__(self, model, encoder=None):
         if takes_descriptors(model) and encoder is None:
-            raise PipelineError("this model reads dlib face descriptors (model.backbone: dlib_resnet) and needs the "
-                                "dlib model files; give their folder (default data/weights).")
+            raise PipelineError(
+                "this model reads dlib face descriptors (model.backbone: dlib_resnet) "
+                "and needs the dlib model files; give their folder (default data/weights)."
+            )
         self.model, self.encoder = model, encoder if takes_descriptors(model) else None
 
     @classmethod
-    def load(cls, model_path, weights_dir=WEIGHTS, face_margin=0.4, hint="run `dvc repro train`", workers=1):
+    def load(
+        cls,
+        model_path,
+        weights_dir=WEIGHTS,
+        face_margin=0.4,
+        hint="run `dvc repro train`",
+        workers=1,
+    ):
         model = open_model(model_path, hint)
         encoder = None
         if takes_descriptors(model):
@@ -86,7 +104,10 @@ class Predictor:
         if self.encoder is not None:
             return self.encoder.encode_with_mirror(crops)
         size = self.model.input_shape[1]
-        pixels = [as_array(crop if crop.size == (size, size) else resize_whole(crop, size)) for crop in crops]
+        pixels = [
+            as_array(crop if crop.size == (size, size) else resize_whole(crop, size))
+            for crop in crops
+        ]
         return np.stack(pixels).astype(np.float32)
 
     def outputs_of_inputs(self, inputs, batch_size=32):
@@ -96,7 +117,7 @@ class Predictor:
         usable = ~np.isnan(inputs.reshape(count, -1)).any(axis=1) if count else np.zeros(0, bool)
         rows = np.flatnonzero(usable)
         for start in range(0, len(rows), batch_size):
-            chunk = rows[start:start + batch_size]
+            chunk = rows[start : start + batch_size]
             outputs = self.model.predict_on_batch(inputs[chunk])
             for task in result:
                 result[task][chunk] = np.asarray(outputs[task], dtype=np.float64)
@@ -120,13 +141,15 @@ def readable(outputs, bins):
             results.append(None)
             continue
         male, best_bin = int(g.argmax()), int(probs.argmax())
-        results.append({
-            "gender": GENDERS[male],
-            "gender_prob": round(float(g[male]), 4),
-            "age": round(float(expected_age(a)), 1),
-            "age_bin": labels[best_bin],
-            "age_bin_prob": round(float(probs[best_bin]), 4),
-        })
+        results.append(
+            {
+                "gender": GENDERS[male],
+                "gender_prob": round(float(g[male]), 4),
+                "age": round(float(expected_age(a)), 1),
+                "age_bin": labels[best_bin],
+                "age_bin_prob": round(float(probs[best_bin]), 4),
+            }
+        )
     return results
 
 

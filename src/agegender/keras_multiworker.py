@@ -5,6 +5,7 @@ the symbolic build reduces a whole data batch across workers, which collective o
 and per-step metrics, which are scalars, are averaged with `axis=0`. Both are replaced here,
 for the pinned Keras version only, and only when training runs on several workers.
 """
+
 import keras
 import tensorflow as tf
 from keras.src import tree
@@ -21,8 +22,11 @@ def _maybe_symbolic_build(self, iterator=None, data_batch=None):
         for _, _, batches in iterator:
             batch = next(batches)
             data_batch = tree.map_structure(
-                lambda v: self.distribute_strategy.experimental_local_results(v)[0]
-                if isinstance(v, tf.distribute.DistributedValues) else v,
+                lambda v: (
+                    self.distribute_strategy.experimental_local_results(v)[0]
+                    if isinstance(v, tf.distribute.DistributedValues)
+                    else v
+                ),
                 batch,
             )
             break
@@ -35,7 +39,9 @@ _original_reduce_per_replica = trainer.reduce_per_replica
 
 def reduce_per_replica(values, strategy, reduction):
     """Average scalars over all workers without a batch axis; everything else as Keras does."""
-    if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(strategy):
+    if reduction not in ("auto", "mean") or not trainer._collective_all_reduce_multi_worker(
+        strategy
+    ):
         return _original_reduce_per_replica(values, strategy, reduction)
 
     def mean(value):
@@ -49,6 +55,8 @@ def reduce_per_replica(values, strategy, reduction):
 
 def apply():
     if keras.__version__ != PATCHED_VERSION:
-        raise RuntimeError(f"the multi-worker shim targets Keras {PATCHED_VERSION}, found {keras.__version__}")
+        raise RuntimeError(
+            f"the multi-worker shim targets Keras {PATCHED_VERSION}, found {keras.__version__}"
+        )
     trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
     trainer.reduce_per_replica = reduce_per_replica

@@ -7,6 +7,7 @@
   of the expected age (DLDL-v2, Gao et al., IJCAI 2018).
 Registered as Keras objects, so a saved model loads with its training configuration.
 """
+
 import keras
 from keras import ops
 
@@ -22,7 +23,9 @@ class HeadLoss(keras.losses.Loss):
 
     def call(self, y_true, y_pred):
         y_pred = ops.cast(y_pred, "float32")
-        cross_entropy = keras.losses.categorical_crossentropy(y_true, y_pred, label_smoothing=self.label_smoothing)
+        cross_entropy = keras.losses.categorical_crossentropy(
+            y_true, y_pred, label_smoothing=self.label_smoothing
+        )
         if self.kind == "cross_entropy":
             return cross_entropy
         ages = ops.arange(y_pred.shape[-1], dtype="float32")
@@ -30,10 +33,16 @@ class HeadLoss(keras.losses.Loss):
         mean = ops.sum(y_pred * ages, axis=-1)
         if self.kind == "mean_variance":
             variance = ops.sum(y_pred * ops.square(ages - mean[:, None]), axis=-1)
-            return cross_entropy + MEAN_WEIGHT * ops.square(mean - true_age) / 2 + VARIANCE_WEIGHT * variance
+            return (
+                cross_entropy
+                + MEAN_WEIGHT * ops.square(mean - true_age) / 2
+                + VARIANCE_WEIGHT * variance
+            )
         gaussian = ops.exp(-ops.square(ages - true_age[:, None]) / (2 * DLDL_SIGMA**2))
         target = gaussian / ops.sum(gaussian, axis=-1, keepdims=True)
-        return keras.losses.kl_divergence(target, y_pred) + DLDL_L1_WEIGHT * ops.abs(mean - true_age)
+        return keras.losses.kl_divergence(target, y_pred) + DLDL_L1_WEIGHT * ops.abs(
+            mean - true_age
+        )
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "label_smoothing": self.label_smoothing}

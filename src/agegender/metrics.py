@@ -1,4 +1,5 @@
 """Age and gender figures as the peers report them (DEX expected value, CS@5, bins)."""
+
 import numpy as np
 
 from agegender.labels import AGES, GENDERS, expected_age
@@ -50,10 +51,14 @@ def constant_age_baselines(age_true, train_ages, edges, cs_years):
     """What a model that ignores the image scores: the training mean age (CS@n), the most common
     training age (exact accuracy) and the most common training age bin (bin accuracy)."""
     age_true, train_ages = np.asarray(age_true), np.asarray(train_ages)
-    mode_age = np.bincount(np.clip(train_ages.astype(int), 0, AGES[-1]), minlength=len(AGES)).argmax()
+    mode_age = np.bincount(
+        np.clip(train_ages.astype(int), 0, AGES[-1]), minlength=len(AGES)
+    ).argmax()
     mode_bin = np.bincount(age_bin(train_ages, edges), minlength=len(edges)).argmax()
     return {
-        f"mean_baseline_cs{cs_years}": float((np.abs(age_true - train_ages.mean()) <= cs_years).mean()),
+        f"mean_baseline_cs{cs_years}": float(
+            (np.abs(age_true - train_ages.mean()) <= cs_years).mean()
+        ),
         "mode_baseline_exact": float((age_true == mode_age).mean()),
         "majority_bin_baseline": float((age_bin(age_true, edges) == mode_bin).mean()),
     }
@@ -71,9 +76,14 @@ def per_age_bin(age_true, age_probs, edges):
     for index, label in enumerate(bin_labels(edges)):
         members = true_bin == index
         count = int(members.sum())
-        rows.append({"bin": label, "count": count,
-                     "mae": float(error[members].mean()) if count else float("nan"),
-                     "bin_accuracy": float(hit[members].mean()) if count else float("nan")})
+        rows.append(
+            {
+                "bin": label,
+                "count": count,
+                "mae": float(error[members].mean()) if count else float("nan"),
+                "bin_accuracy": float(hit[members].mean()) if count else float("nan"),
+            }
+        )
     return pd.DataFrame(rows, columns=["bin", "count", "mae", "bin_accuracy"])
 
 
@@ -87,5 +97,11 @@ def per_gender(gender_true, gender_probs, names=GENDERS):
     for index, name in enumerate(names):
         members = gender_true == index
         count = int(members.sum())
-        rows.append({"gender": name, "count": count, "accuracy": float(hit[members].mean()) if count else float("nan")})
+        rows.append(
+            {
+                "gender": name,
+                "count": count,
+                "accuracy": float(hit[members].mean()) if count else float("nan"),
+            }
+        )
     return pd.DataFrame(rows, columns=["gender", "count", "accuracy"])

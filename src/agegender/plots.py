@@ -8,6 +8,7 @@ the same table gives the same file.
 `python -m agegender.plots` rebuilds dvc_plots/template.html from the vega builds in
 dvc_plots/vendor (see dvc_plots/README.md).
 """
+
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ from pandas.api.types import is_numeric_dtype
 
 from agegender.files import replace_atomically
 
-SIZE = (640, 480)             # pixels of every figure but the training curves
+SIZE = (640, 480)  # pixels of every figure but the training curves
 CURVES_SIZE = (960, 640)
 DPI = 100
 TRAIN_COLOR, VAL_COLOR = "#1f77b4", "#ff7f0e"
@@ -30,7 +31,9 @@ def _figure(size):
 
 
 def _save(figure, path):
-    replace_atomically(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None}))
+    replace_atomically(
+        path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI, metadata={"Software": None})
+    )
     return Path(path)
 
 
@@ -46,13 +49,22 @@ def confusion_png(table, true_column, predicted_column, labels, path, title, siz
     axes = figure.add_subplot()
     image = axes.imshow(shares, cmap="Blues", vmin=0, vmax=1)
     for (row, column), count in np.ndenumerate(counts):
-        axes.text(column, row, f"{count}\n{shares[row, column]:.0%}", ha="center", va="center", fontsize=8,
-                  color="white" if shares[row, column] > 0.6 else "black")
+        axes.text(
+            column,
+            row,
+            f"{count}\n{shares[row, column]:.0%}",
+            ha="center",
+            va="center",
+            fontsize=8,
+            color="white" if shares[row, column] > 0.6 else "black",
+        )
     axes.set_xticks(range(len(labels)), labels, rotation=45 if len(labels) > 3 else 0)
     axes.set_yticks(range(len(labels)), labels)
     axes.set_xlabel("predicted")
     axes.set_ylabel("true")
-    axes.set_title(f"{title} (accuracy {np.trace(counts) / max(counts.sum(), 1):.1%}, {counts.sum()} images)")
+    axes.set_title(
+        f"{title} (accuracy {np.trace(counts) / max(counts.sum(), 1):.1%}, {counts.sum()} images)"
+    )
     figure.colorbar(image, ax=axes, label="share of the true row")
     return _save(figure, path)
 
@@ -62,8 +74,17 @@ def age_scatter_png(table, path, size=SIZE, max_age=100):
     true, predicted = np.asarray(table["age_true"], float), np.asarray(table["age_pred"], float)
     figure = _figure(size)
     axes = figure.add_subplot()
-    axes.scatter(true, predicted, s=8, alpha=0.4 if len(true) > 200 else 0.7, color=TRAIN_COLOR, linewidths=0)
-    axes.plot([0, max_age], [0, max_age], color="black", linewidth=1, linestyle="--", label="predicted = true")
+    axes.scatter(
+        true, predicted, s=8, alpha=0.4 if len(true) > 200 else 0.7, color=TRAIN_COLOR, linewidths=0
+    )
+    axes.plot(
+        [0, max_age],
+        [0, max_age],
+        color="black",
+        linewidth=1,
+        linestyle="--",
+        label="predicted = true",
+    )
     axes.set_xlim(0, max_age)
     axes.set_ylim(0, max_age)
     axes.set_aspect("equal")
@@ -77,7 +98,8 @@ def age_scatter_png(table, path, size=SIZE, max_age=100):
 
 
 def bin_mae_png(per_bin, path, size=SIZE):
-    """MAE per age bin (the table of `metrics.per_age_bin`), each bar labelled with its image count."""
+    """MAE per age bin (the table of `metrics.per_age_bin`), each bar labelled with its image
+    count."""
     figure = _figure(size)
     axes = figure.add_subplot()
     positions = np.arange(len(per_bin))
@@ -94,9 +116,13 @@ def bin_mae_png(per_bin, path, size=SIZE):
 
 
 def training_curves_png(history, path, size=CURVES_SIZE):
-    """One panel per figure Keras logged (loss, accuracies, ...), training and validation together."""
-    names = [name for name in history.columns
-             if name != "epoch" and not name.startswith("val_") and is_numeric_dtype(history[name])]
+    """One panel per figure Keras logged (loss, accuracies, ...), training and validation
+    together."""
+    names = [
+        name
+        for name in history.columns
+        if name != "epoch" and not name.startswith("val_") and is_numeric_dtype(history[name])
+    ]
     names = sorted(names, key=lambda name: (name != "loss", name))
     figure = _figure(size)
     epochs = history["epoch"] if "epoch" in history.columns else np.arange(len(history))
@@ -106,7 +132,14 @@ def training_curves_png(history, path, size=CURVES_SIZE):
         axes = figure.add_subplot(rows, columns, index + 1)
         axes.plot(epochs, history[name], marker="o", markersize=3, color=TRAIN_COLOR, label="train")
         if f"val_{name}" in history.columns:
-            axes.plot(epochs, history[f"val_{name}"], marker="o", markersize=3, color=VAL_COLOR, label="validation")
+            axes.plot(
+                epochs,
+                history[f"val_{name}"],
+                marker="o",
+                markersize=3,
+                color=VAL_COLOR,
+                label="validation",
+            )
         axes.set_title(name, fontsize=10)
         axes.set_xlabel("epoch", fontsize=8)
         axes.tick_params(labelsize=8)
@@ -124,13 +157,15 @@ def training_curves_png(history, path, size=CURVES_SIZE):
 VENDOR_DIR = Path(__file__).resolve().parents[2] / "dvc_plots" / "vendor"
 TEMPLATE = VENDOR_DIR.parent / "template.html"
 VENDOR_SCRIPTS = ("vega.min.js", "vega-lite.min.js", "vega-embed.min.js")
-PAGE = """<!DOCTYPE html>
+PAGE = (
+    """<!DOCTYPE html>
 <html>
 <head>
     <meta charset="utf-8">
     {refresh_tag}
     <title>DVC Plot</title>
-<!-- vega, vega-lite and vega-embed inlined from dvc_plots/vendor (BSD-3-Clause, see dvc_plots/README.md) -->
+<!-- vega, vega-lite and vega-embed inlined from dvc_plots/vendor """
+    """(BSD-3-Clause, see dvc_plots/README.md) -->
 %s
     <style>
         table {
@@ -143,6 +178,7 @@ PAGE = """<!DOCTYPE html>
 </body>
 </html>
 """
+)
 
 
 def offline_template(vendor_dir=VENDOR_DIR):
@@ -150,8 +186,12 @@ def offline_template(vendor_dir=VENDOR_DIR):
     blocks = []
     for name in VENDOR_SCRIPTS:
         code = (Path(vendor_dir) / name).read_text(encoding="utf8")
-        code = "\n".join(line for line in code.splitlines() if not line.startswith("//# sourceMappingURL="))
-        if "</script" in code.lower() or any(f"{{{key}}}" in code for key in ("plot_divs", "refresh_tag", "scripts")):
+        code = "\n".join(
+            line for line in code.splitlines() if not line.startswith("//# sourceMappingURL=")
+        )
+        if "</script" in code.lower() or any(
+            f"{{{key}}}" in code for key in ("plot_divs", "refresh_tag", "scripts")
+        ):
             raise ValueError(f"{name} holds text that would break the inlined template")
         blocks.append(f"<!-- {name} -->\n<script>\n{code}\n</script>")
     return PAGE % "\n".join(blocks)
@@ -166,9 +206,15 @@ def external_slices_png(table, path, title, size=SIZE):
     """One panel per figure of an external set's slices (gender accuracy, age MAE, age-group
     accuracy, those the set has labels for), one bar per slice labelled with its image count, so a
     slice the model fails stands out."""
-    panels = [(column, label) for column, label in (("gender_accuracy", "gender accuracy"), ("mae", "age MAE (years)"),
-                                                    ("group_accuracy", "age-group accuracy"))
-              if column in table.columns and table[column].notna().any()]
+    panels = [
+        (column, label)
+        for column, label in (
+            ("gender_accuracy", "gender accuracy"),
+            ("mae", "age MAE (years)"),
+            ("group_accuracy", "age-group accuracy"),
+        )
+        if column in table.columns and table[column].notna().any()
+    ]
     figure = _figure(size)
     positions = np.arange(len(table))
     for index, (column, label) in enumerate(panels):
@@ -176,7 +222,9 @@ def external_slices_png(table, path, title, size=SIZE):
         values = np.nan_to_num(np.asarray(table[column], float))
         bars = axes.bar(positions, values, color=TRAIN_COLOR if column == "mae" else VAL_COLOR)
         axes.bar_label(bars, [f"n={count}" for count in table["count"]], fontsize=7, padding=1)
-        axes.set_xticks(positions, list(table["group"]), fontsize=8, rotation=30 if len(table) > 6 else 0)
+        axes.set_xticks(
+            positions, list(table["group"]), fontsize=8, rotation=30 if len(table) > 6 else 0
+        )
         axes.set_ylabel(label, fontsize=8)
         top = max(float(values.max(initial=0)), 1.0) if column == "mae" else 1.0
         axes.set_ylim(0, top * 1.2)

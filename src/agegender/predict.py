@@ -13,6 +13,7 @@ with its reason (missing, unreadable, too_large, no_face) and the run goes on. E
 A model trained on dlib's face-recognition network (`model.backbone: dlib_resnet`) also needs
 the dlib model files (`--weights`, default data/weights, where `dvc repro` puts them).
 """
+
 import argparse
 import csv
 import json
@@ -26,8 +27,22 @@ from agegender.errors import exits_cleanly
 from agegender.images import ImageSkip, load_rgb
 from agegender.inference import Predictor, find_faces, predict_faces
 from agegender.layout import MODEL, PARAMS, WEIGHTS
+
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-FIELDS = ["file", "face", "x1", "y1", "x2", "y2", "confidence", "gender", "gender_prob", "age", "age_bin", "age_bin_prob"]
+FIELDS = [
+    "file",
+    "face",
+    "x1",
+    "y1",
+    "x2",
+    "y2",
+    "confidence",
+    "gender",
+    "gender_prob",
+    "age",
+    "age_bin",
+    "age_bin_prob",
+]
 
 
 def image_files(paths):
@@ -35,7 +50,9 @@ def image_files(paths):
     files = []
     for path in map(Path, paths):
         if path.is_dir():
-            found = [p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()]
+            found = [
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            ]
             files += [(p, p.relative_to(path)) for p in sorted(found)]
         else:
             files.append((path, Path(path.name)))
@@ -57,11 +74,20 @@ def annotate(image, faces, results):
     for index, (face, result) in enumerate(zip(faces, results)):
         colour = (30, 144, 255) if result["gender"] == "male" else (255, 64, 160)
         draw.rectangle(face.box, outline=colour, width=width)
-        label = f"#{index} {result['gender']} {result['gender_prob']:.2f}, age {result['age']:.1f} ({result['age_bin']})"
+        label = (
+            f"#{index} {result['gender']} {result['gender_prob']:.2f}, "
+            f"age {result['age']:.1f} ({result['age_bin']})"
+        )
         left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
         x = face.box[0]
-        y = face.box[1] - (bottom - top) - 2 * width if face.box[1] > (bottom - top) + 2 * width else face.box[3] + width
-        draw.rectangle((x, y, x + right - left + 2 * width, y + bottom - top + 2 * width), fill=colour)
+        y = (
+            face.box[1] - (bottom - top) - 2 * width
+            if face.box[1] > (bottom - top) + 2 * width
+            else face.box[3] + width
+        )
+        draw.rectangle(
+            (x, y, x + right - left + 2 * width, y + bottom - top + 2 * width), fill=colour
+        )
         draw.text((x + width - left, y + width - top), label, fill=(255, 255, 255), font=font)
     return image
 
@@ -82,8 +108,13 @@ class Writer:
             self.csv.writeheader()
 
     def write(self, file, index, face, result):
-        record = {"file": str(file), "face": index, "box": list(face.box),
-                  "confidence": round(face.confidence, 4), **result}
+        record = {
+            "file": str(file),
+            "face": index,
+            "box": list(face.box),
+            "confidence": round(face.confidence, 4),
+            **result,
+        }
         if self.fmt == "csv":
             box = record.pop("box")
             self.csv.writerow({**record, **dict(zip(("x1", "y1", "x2", "y2"), box))})
@@ -95,17 +126,48 @@ class Writer:
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="agegender-predict",
-        description="Find the faces in photos and predict each one's gender and age with the trained model.")
-    parser.add_argument("paths", nargs="+", metavar="PHOTO_OR_FOLDER",
-                        help="photos, or folders searched for jpg, jpeg, png, bmp and webp files")
-    parser.add_argument("--model", type=Path, default=MODEL, help=f"the saved model (default {MODEL})")
-    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl", help="output on stdout (default jsonl)")
-    parser.add_argument("--annotate", type=Path, metavar="DIR", help="write each photo with boxes and labels drawn into DIR")
-    parser.add_argument("--batch-size", type=positive, default=32, help="faces per model call (default 32)")
-    parser.add_argument("--weights", type=Path, default=WEIGHTS,
-                        help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS})")
-    parser.add_argument("--params", type=Path, default=PARAMS,
-                        help="params.yaml giving crop.margin, crop.size and evaluate.age_bins (default params.yaml)")
+        description=(
+            "Find the faces in photos and predict each one's gender and age with the trained model."
+        ),
+    )
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PHOTO_OR_FOLDER",
+        help="photos, or folders searched for jpg, jpeg, png, bmp and webp files",
+    )
+    parser.add_argument(
+        "--model", type=Path, default=MODEL, help=f"the saved model (default {MODEL})"
+    )
+    parser.add_argument(
+        "--format",
+        choices=("jsonl", "csv"),
+        default="jsonl",
+        help="output on stdout (default jsonl)",
+    )
+    parser.add_argument(
+        "--annotate",
+        type=Path,
+        metavar="DIR",
+        help="write each photo with boxes and labels drawn into DIR",
+    )
+    parser.add_argument(
+        "--batch-size", type=positive, default=32, help="faces per model call (default 32)"
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=WEIGHTS,
+        help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS})",
+    )
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=PARAMS,
+        help=(
+            "params.yaml giving crop.margin, crop.size and evaluate.age_bins (default params.yaml)"
+        ),
+    )
     return parser.parse_args(argv)
 
 
@@ -122,8 +184,15 @@ def main(argv=None):
     from agegender.params import load_params
 
     params = load_params(args.params)
-    margin, size, bins = params["crop"]["margin"], params["crop"]["size"], params["evaluate"]["age_bins"]
-    hint = f"train one with `dvc repro train` (it writes {MODEL}), or pass --model with the path of a saved .keras model"
+    margin, size, bins = (
+        params["crop"]["margin"],
+        params["crop"]["size"],
+        params["evaluate"]["age_bins"],
+    )
+    hint = (
+        f"train one with `dvc repro train` (it writes {MODEL}), "
+        "or pass --model with the path of a saved .keras model"
+    )
     predictor = Predictor.load(args.model, args.weights, face_margin=margin, hint=hint)
     files = image_files(args.paths)
     writer = Writer(args.format, sys.stdout)

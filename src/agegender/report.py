@@ -3,6 +3,7 @@
 Deterministic (no dates, fixed number formats, ties broken by path), so that DVC sees an
 unchanged report as unchanged and `git diff` shows only what moved.
 """
+
 import numpy as np
 
 # The reference design's test figures (17,186 random-split IMDB-WIKI test images).
@@ -28,18 +29,36 @@ def headline(metrics, cs_years):
     gender, age = metrics["gender"], metrics["age"]
     cs = f"cs{cs_years}"
     rows = [
-        ("Gender accuracy", percent(gender["accuracy"]),
-         f"{percent(gender['majority_baseline'])} (always the majority gender of training)",
-         percent(REFERENCE["gender_accuracy"])),
-        ("Exact age accuracy (101 classes)", percent(age["exact_accuracy"]),
-         f"{percent(age.get('mode_baseline_exact'))} (always the most common training age)",
-         f"more than {REFERENCE['exact_accuracy']:.0%}"),
-        ("Age MAE, expected value (years)", number(age["mae"]),
-         f"{number(age.get('mean_baseline_mae'))} (always the training mean age)", "–"),
-        (f"Age CS@{cs_years} (share within {cs_years} years)", percent(age.get(cs)),
-         f"{percent(age.get(f'mean_baseline_{cs}'))} (always the training mean age)", "–"),
-        ("Age-bin accuracy", percent(age["bin_accuracy"]),
-         f"{percent(age.get('majority_bin_baseline'))} (always the most common training bin)", "–"),
+        (
+            "Gender accuracy",
+            percent(gender["accuracy"]),
+            f"{percent(gender['majority_baseline'])} (always the majority gender of training)",
+            percent(REFERENCE["gender_accuracy"]),
+        ),
+        (
+            "Exact age accuracy (101 classes)",
+            percent(age["exact_accuracy"]),
+            f"{percent(age.get('mode_baseline_exact'))} (always the most common training age)",
+            f"more than {REFERENCE['exact_accuracy']:.0%}",
+        ),
+        (
+            "Age MAE, expected value (years)",
+            number(age["mae"]),
+            f"{number(age.get('mean_baseline_mae'))} (always the training mean age)",
+            "–",
+        ),
+        (
+            f"Age CS@{cs_years} (share within {cs_years} years)",
+            percent(age.get(cs)),
+            f"{percent(age.get(f'mean_baseline_{cs}'))} (always the training mean age)",
+            "–",
+        ),
+        (
+            "Age-bin accuracy",
+            percent(age["bin_accuracy"]),
+            f"{percent(age.get('majority_bin_baseline'))} (always the most common training bin)",
+            "–",
+        ),
         ("Age bin within one bin", percent(age["bin_within_one"]), "–", "–"),
     ]
     return table(("figure", "this model", "baseline", "reference design"), rows)
@@ -48,42 +67,77 @@ def headline(metrics, cs_years):
 def worst_age(predictions, count=WORST):
     """The `count` images with the largest age error, largest first, ties by path."""
     ranked = predictions.assign(error=(predictions["age_pred"] - predictions["age_true"]).abs())
-    return ranked.sort_values(["error", "full_path"], ascending=[False, True], kind="mergesort").head(count)
+    return ranked.sort_values(
+        ["error", "full_path"], ascending=[False, True], kind="mergesort"
+    ).head(count)
 
 
 def worst_gender(predictions, count=WORST):
     """Wrong gender predictions the model was surest of, surest first, ties by path."""
     wrong = predictions[predictions["gender_pred"] != predictions["gender_true"]]
-    return wrong.sort_values(["gender_confidence", "full_path"], ascending=[False, True], kind="mergesort").head(count)
+    return wrong.sort_values(
+        ["gender_confidence", "full_path"], ascending=[False, True], kind="mergesort"
+    ).head(count)
 
 
 def build_report(metrics, predictions, by_bin, by_gender, figures, cs_years=5):
     """Markdown text. `by_bin`/`by_gender`: the tables of metrics.per_age_bin/per_gender;
     `figures`: {title: path relative to the report}."""
-    lines = ["# Evaluation report", "",
-             f"Test split: {metrics['test_images']} images, split by identity (no person is in both "
-             "training and test). The reference design split 17,186 test images at random, which lets "
-             "one person's photos land on both sides; its figures are not directly comparable.", "",
-             "## Headline", ""]
+    lines = [
+        "# Evaluation report",
+        "",
+        f"Test split: {metrics['test_images']} images, split by identity (no person is in both "
+        "training and test). The reference design split 17,186 test images at random, which lets "
+        "one person's photos land on both sides; its figures are not directly comparable.",
+        "",
+        "## Headline",
+        "",
+    ]
     lines += headline(metrics, cs_years)
-    lines += ["", "Age is the expected value over the 101 age outputs (DEX); exact accuracy takes the most "
-              "probable age; bins sum the probabilities within each bin.", "", "## Per age bin", ""]
-    lines += table(("true age bin", "images", "MAE (years)", "bin accuracy"),
-                   [(row.bin, row.count, number(row.mae), percent(row.bin_accuracy)) for row in by_bin.itertuples()])
+    lines += [
+        "",
+        "Age is the expected value over the 101 age outputs (DEX); exact accuracy takes the most "
+        "probable age; bins sum the probabilities within each bin.",
+        "",
+        "## Per age bin",
+        "",
+    ]
+    lines += table(
+        ("true age bin", "images", "MAE (years)", "bin accuracy"),
+        [
+            (row.bin, row.count, number(row.mae), percent(row.bin_accuracy))
+            for row in by_bin.itertuples()
+        ],
+    )
     lines += ["", "## Per gender", ""]
-    lines += table(("true gender", "images", "accuracy"),
-                   [(row.gender, row.count, percent(row.accuracy)) for row in by_gender.itertuples()])
+    lines += table(
+        ("true gender", "images", "accuracy"),
+        [(row.gender, row.count, percent(row.accuracy)) for row in by_gender.itertuples()],
+    )
     lines += ["", f"## Largest age errors ({WORST} worst)", ""]
     lines += ["Images under `data/crops/images/`.", ""]
-    lines += table(("image", "true age", "predicted age", "error"),
-                   [(f"`{row.full_path}`", row.age_true, number(row.age_pred), number(row.error))
-                    for row in worst_age(predictions).itertuples()])
+    lines += table(
+        ("image", "true age", "predicted age", "error"),
+        [
+            (f"`{row.full_path}`", row.age_true, number(row.age_pred), number(row.error))
+            for row in worst_age(predictions).itertuples()
+        ],
+    )
     lines += ["", f"## Most confident gender errors ({WORST} worst)", ""]
     errors = worst_gender(predictions)
     if len(errors):
-        lines += table(("image", "true gender", "predicted gender", "confidence"),
-                       [(f"`{row.full_path}`", row.gender_true, row.gender_pred, percent(row.gender_confidence))
-                        for row in errors.itertuples()])
+        lines += table(
+            ("image", "true gender", "predicted gender", "confidence"),
+            [
+                (
+                    f"`{row.full_path}`",
+                    row.gender_true,
+                    row.gender_pred,
+                    percent(row.gender_confidence),
+                )
+                for row in errors.itertuples()
+            ],
+        )
     else:
         lines.append("No gender errors.")
     lines += ["", "## Figures", ""]
@@ -102,44 +156,78 @@ def _cs_key(row):
 def _slice_rows(by_slice, cs, with_groups):
     header = ["images", "gender accuracy", "age MAE (years)", f"CS@{cs[2:]}"]
     header += ["age-group accuracy"] if with_groups else []
-    rows = [[row["count"], percent(row["gender_accuracy"]), number(row["mae"]), percent(row[cs])]
-            + ([percent(row.get("group_accuracy"))] if with_groups else []) for row in by_slice.values()]
+    rows = [
+        [row["count"], percent(row["gender_accuracy"]), number(row["mae"]), percent(row[cs])]
+        + ([percent(row.get("group_accuracy"))] if with_groups else [])
+        for row in by_slice.values()
+    ]
     return header, [[f"{name}", *row] for name, row in zip(by_slice, rows)]
 
 
 def external_section(metrics_by_set, figure_links):
-    """Markdown for the evaluate_external stage: per set its counts, a headline against the set's own
-    majority gender, and the figures by gender, age bin and ethnicity. `metrics_by_set`: {name: the
-    set's metrics}; `figure_links`: {name: {title: path relative to the report}}."""
+    """Markdown for the evaluate_external stage: per set its counts, a headline against the set's
+    own majority gender, and the figures by gender, age bin and ethnicity. `metrics_by_set`: {name:
+    the set's metrics}; `figure_links`: {name: {title: path relative to the report}}."""
     if not metrics_by_set:
-        return ("No external sets are configured. To score the model on another labelled face set, add an entry "
-                "to `external.sets` in params.yaml, e.g. `{name: utkface, format: utkface, path: "
-                "../shared/data/utkface/images}`, and run `dvc repro evaluate_external` (README: External "
-                "evaluation).\n")
+        return (
+            "No external sets are configured. To score the model on another labelled face set, "
+            "add an entry to `external.sets` in params.yaml, e.g. "
+            "`{name: utkface, format: utkface, path: ../shared/data/utkface/images}`, "
+            "and run `dvc repro evaluate_external` "
+            "(README: External evaluation).\n"
+        )
     lines = []
     for name, metrics in metrics_by_set.items():
         gender, age, group = metrics["gender"], metrics["age"], metrics.get("age_group")
         cs = _cs_key(next(iter(metrics["by_gender"].values())))
-        skipped = ", ".join(f"{reason} {count}" for reason, count in sorted(metrics["skipped"].items())) or "none"
-        lines += [f"## External set: {name}", "",
-                  f"{metrics['format']} set `{metrics['path']}` (face margin {metrics['face_margin']:g}, re-framed "
-                  f"like the training crops): {metrics['images']} images, "
-                  f"{metrics['scored']} scored; skipped: {skipped}; labels not parsed: "
-                  f"{metrics['unparseable']['count']}."]
+        skipped = (
+            ", ".join(f"{reason} {count}" for reason, count in sorted(metrics["skipped"].items()))
+            or "none"
+        )
+        lines += [
+            f"## External set: {name}",
+            "",
+            f"{metrics['format']} set `{metrics['path']}` "
+            f"(face margin {metrics['face_margin']:g}, re-framed "
+            f"like the training crops): {metrics['images']} images, "
+            f"{metrics['scored']} scored; skipped: {skipped}; labels not parsed: "
+            f"{metrics['unparseable']['count']}.",
+        ]
         if metrics["unparseable"]["first"]:
-            lines += ["", "Not parsed (first ones): " + "; ".join(f"`{bad}`" for bad in metrics["unparseable"]["first"])
-                      + "."]
-        rows = [("Gender accuracy", percent(gender["accuracy"]),
-                 f"{percent(gender['majority_baseline'])} (always the set's majority gender, {gender['majority']})")]
+            lines += [
+                "",
+                "Not parsed (first ones): "
+                + "; ".join(f"`{bad}`" for bad in metrics["unparseable"]["first"])
+                + ".",
+            ]
+        rows = [
+            (
+                "Gender accuracy",
+                percent(gender["accuracy"]),
+                f"{percent(gender['majority_baseline'])} "
+                f"(always the set's majority gender, {gender['majority']})",
+            )
+        ]
         if age["count"]:
-            rows += [("Age MAE, expected value (years)", number(age["mae"]), "–"),
-                     (f"Age CS@{cs[2:]} (share within {cs[2:]} years)", percent(age[cs]), "–"),
-                     ("Age-bin accuracy", percent(age["bin_accuracy"]), "–")]
+            rows += [
+                ("Age MAE, expected value (years)", number(age["mae"]), "–"),
+                (f"Age CS@{cs[2:]} (share within {cs[2:]} years)", percent(age[cs]), "–"),
+                ("Age-bin accuracy", percent(age["bin_accuracy"]), "–"),
+            ]
         if group:
-            rows.append(("Age-group accuracy (expected age inside the labelled group)", percent(group["accuracy"]),
-                         "–"))
+            rows.append(
+                (
+                    "Age-group accuracy (expected age inside the labelled group)",
+                    percent(group["accuracy"]),
+                    "–",
+                )
+            )
         lines += ["", *table(("figure", "this model", "baseline"), rows)]
-        for title, key in (("By gender", "by_gender"), ("By age bin", "by_age_bin"), ("By ethnicity", "by_ethnicity")):
+        for title, key in (
+            ("By gender", "by_gender"),
+            ("By age bin", "by_age_bin"),
+            ("By ethnicity", "by_ethnicity"),
+        ):
             if key in metrics:
                 header, body = _slice_rows(metrics[key], cs, group is not None)
                 lines += ["", f"### {title}", "", *table((title[3:], *header), body)]

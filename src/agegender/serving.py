@@ -9,6 +9,7 @@ box plus `crop.margin` on each side), and goes through the same inference core a
 dlib model files as an artifact, so the served model takes crops, not descriptors; a face
 whose landmarks can't be found gets an answer row of nulls.
 """
+
 import base64
 import binascii
 import io
@@ -32,12 +33,26 @@ from agegender.inference import Predictor, open_model, predict_faces, takes_desc
 OUTPUT_COLUMNS = ["gender", "gender_prob", "age", "age_bin", "age_bin_prob"]
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
-    outputs=Schema([ColSpec("string", "gender"), ColSpec("double", "gender_prob"), ColSpec("double", "age"),
-                    ColSpec("string", "age_bin"), ColSpec("double", "age_bin_prob")]),
+    outputs=Schema(
+        [
+            ColSpec("string", "gender"),
+            ColSpec("double", "gender_prob"),
+            ColSpec("double", "age"),
+            ColSpec("string", "age_bin"),
+            ColSpec("double", "age_bin_prob"),
+        ]
+    ),
 )
 # What the served model needs, pinned as requirements.txt pins it.
-PIP_REQUIREMENTS = ["tensorflow==2.21.0", "keras==3.15.1", "numpy==2.4.6", "pandas==3.1.1", "pillow==13.0.0"]
-FACE_REQUIREMENTS = ["dlib-bin==20.0.1.post1"]  # the dlib files travel as an artifact, not as a package
+PIP_REQUIREMENTS = [
+    "tensorflow==2.21.0",
+    "keras==3.15.1",
+    "numpy==2.4.6",
+    "pandas==3.1.1",
+    "pillow==13.0.0",
+]
+# the dlib files travel as an artifact, not as a package
+FACE_REQUIREMENTS = ["dlib-bin==20.0.1.post1"]
 PACKAGE_DIR = Path(__file__).resolve().parent
 ARTIFACT = "keras_model"
 FACE_MODELS = "face_models"
@@ -52,7 +67,9 @@ def float32_model(model):
 
     def as_float32(config):
         if isinstance(config, dict):
-            if config.get("class_name") == "DTypePolicy" and str(config.get("config", {}).get("name", "")).startswith("mixed_"):
+            if config.get("class_name") == "DTypePolicy" and str(
+                config.get("config", {}).get("name", "")
+            ).startswith("mixed_"):
                 return {**config, "config": {**config["config"], "name": "float32"}}
             return {key: as_float32(value) for key, value in config.items()}
         if isinstance(config, list):
@@ -72,7 +89,9 @@ def invalid(message):
 def decode_image(text, row):
     """A base64 string (optionally a `data:image/...;base64,` URL) -> RGB PIL image."""
     if not isinstance(text, str) or not text:
-        raise invalid(f"row {row}: 'image' must be a non-empty base64 string, got {type(text).__name__}")
+        raise invalid(
+            f"row {row}: 'image' must be a non-empty base64 string, got {type(text).__name__}"
+        )
     if text.startswith("data:") and "," in text:
         text = text.split(",", 1)[1]
     try:
@@ -85,7 +104,9 @@ def decode_image(text, row):
     try:
         return load_rgb(io.BytesIO(data))
     except ImageSkip as error:
-        raise invalid(f"row {row}: 'image' is not a decodable JPEG or PNG image ({error.reason})") from None
+        raise invalid(
+            f"row {row}: 'image' is not a decodable JPEG or PNG image ({error.reason})"
+        ) from None
 
 
 class AgeGenderModel(mlflow.pyfunc.PythonModel):
@@ -109,7 +130,9 @@ class AgeGenderModel(mlflow.pyfunc.PythonModel):
     def predict(self, context, model_input: pd.DataFrame, params=None):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
         if "image" not in frame.columns:
-            raise invalid(f"the input needs a column 'image' of base64 images; it has {list(frame.columns)}")
+            raise invalid(
+                f"the input needs a column 'image' of base64 images; it has {list(frame.columns)}"
+            )
         crops = [decode_image(text, row) for row, text in enumerate(frame["image"])]
         answers = predict_faces(self.model, crops, self.age_bins, self.batch_size)
         return pd.DataFrame([answer or {} for answer in answers], columns=OUTPUT_COLUMNS)
@@ -130,11 +153,16 @@ def example_input():
     from PIL import Image
 
     ramp = np.linspace(0, 255, 32, dtype=np.uint8)
-    pixels = np.stack([np.tile(ramp, (32, 1)), np.tile(ramp[:, None], (1, 32)), np.full((32, 32), 128, np.uint8)], axis=-1)
+    pixels = np.stack(
+        [np.tile(ramp, (32, 1)), np.tile(ramp[:, None], (1, 32)), np.full((32, 32), 128, np.uint8)],
+        axis=-1,
+    )
     return pd.DataFrame({"image": [encode_image(Image.fromarray(pixels))]})
 
 
-def log_pyfunc(keras_model_path, params, registered_name, name="pyfunc_model", face_models_dir=None):
+def log_pyfunc(
+    keras_model_path, params, registered_name, name="pyfunc_model", face_models_dir=None
+):
     """Log the Keras model at `keras_model_path` as a pyfunc model in the active run (or a new
     one) and register it as a new version of `registered_name` (None: not registered).
     `params` is the whole params.yaml; the age bins come from `evaluate.age_bins`, the face
@@ -142,8 +170,11 @@ def log_pyfunc(keras_model_path, params, registered_name, name="pyfunc_model", f
     Returns MLflow's ModelInfo (model_uri, registered_model_version)."""
     from agegender.face_descriptor import crop_face_margin
 
-    model = AgeGenderModel(params["evaluate"]["age_bins"], params["evaluate"]["batch_size"],
-                           crop_face_margin(params["crop"]))
+    model = AgeGenderModel(
+        params["evaluate"]["age_bins"],
+        params["evaluate"]["batch_size"],
+        crop_face_margin(params["crop"]),
+    )
     requirements = PIP_REQUIREMENTS + (FACE_REQUIREMENTS if face_models_dir is not None else [])
     with tempfile.TemporaryDirectory(prefix="agegender-face-models-") as staging:
         artifacts = {ARTIFACT: str(keras_model_path)}

@@ -3,6 +3,7 @@
 DVC starts each stage as its own process, so the stages of one execution find their common
 parent run through a key derived from the nearest `dvc` ancestor process.
 """
+
 import contextlib
 import os
 import re
@@ -47,7 +48,9 @@ def pipeline_key():
 
 def git_commit():
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True)
+        result = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        )
         return result.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -64,8 +67,16 @@ def flatten(params, prefix=""):
     return flat
 
 
-HEADLINE_PARAMS = ("data.dataset", "model.backbone", "model.weights", "train.input_size",
-                   "train.epochs", "train.lr", "train.age_loss", "seed")
+HEADLINE_PARAMS = (
+    "data.dataset",
+    "model.backbone",
+    "model.weights",
+    "train.input_size",
+    "train.epochs",
+    "train.lr",
+    "train.age_loss",
+    "seed",
+)
 
 
 def headline_params(params):
@@ -95,8 +106,11 @@ class StageRun:
             return call()
         except Exception as error:
             if not self.warned:
-                warnings.warn(f"MLflow logging failed in stage '{self.stage}' and is skipped; "
-                              f"the stage goes on ({tracking_uri()}): {error}")
+                warnings.warn(
+                    f"MLflow logging failed in stage '{self.stage}' and is skipped; "
+                    f"the stage goes on ({tracking_uri()}): {error}",
+                    stacklevel=2,
+                )
                 self.warned = True
             return None
 
@@ -112,7 +126,11 @@ class StageRun:
         """Figures that belong on the execution's parent run, so runs compare at a glance."""
         if self.parent_id is not None:
             for key, value in numeric(metrics).items():
-                self._safely(lambda: self.mlflow.MlflowClient().log_metric(self.parent_id, key, value))
+                self._safely(
+                    lambda key=key, value=value: self.mlflow.MlflowClient().log_metric(
+                        self.parent_id, key, value
+                    )
+                )
 
     def call(self, function, *args, **kwargs):
         """Any other MLflow work (registering a model): its result, or None if it failed."""
@@ -133,8 +151,11 @@ class StageRun:
 
 def numeric(metrics):
     """The numbers of a nested dict under names MLflow accepts (`60+` becomes `60_`)."""
-    return {re.sub(r"[^\w\-. :/]", "_", key): float(value) for key, value in flatten(metrics).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    return {
+        re.sub(r"[^\w\-. :/]", "_", key): float(value)
+        for key, value in flatten(metrics).items()
+        if isinstance(value, (int, float)) and not isinstance(value, bool)
+    }
 
 
 def _find_or_start_parent(mlflow, experiment_id, key, tags, headline):
@@ -149,8 +170,9 @@ def _find_or_start_parent(mlflow, experiment_id, key, tags, headline):
     exp_name = tags.get("dvc.exp_name")
     run_name = f"pipeline {exp_name}" if exp_name else f"pipeline {tags['git.commit'][:8]}"
     client = mlflow.tracking.MlflowClient()
-    parent = client.create_run(experiment_id, tags={**tags, PIPELINE_KEY_TAG: key},
-                               run_name=run_name)
+    parent = client.create_run(
+        experiment_id, tags={**tags, PIPELINE_KEY_TAG: key}, run_name=run_name
+    )
     for name, value in headline.items():
         client.log_param(parent.info.run_id, name, value)
     client.set_terminated(parent.info.run_id)
@@ -166,8 +188,9 @@ def _start_child_run(mlflow, stage, params, experiment, headline):
     tags = {"git.commit": git_commit()}
     if os.environ.get("DVC_EXP_NAME"):
         tags["dvc.exp_name"] = os.environ["DVC_EXP_NAME"]
-    parent_id = _find_or_start_parent(mlflow, experiment.experiment_id, pipeline_key(), tags,
-                                      headline)
+    parent_id = _find_or_start_parent(
+        mlflow, experiment.experiment_id, pipeline_key(), tags, headline
+    )
     mlflow.start_run(run_name=stage, parent_run_id=parent_id, tags={**tags, "stage": stage})
     try:
         mlflow.log_params(flatten(params))
@@ -202,7 +225,10 @@ def stage_run(stage, params, experiment="agegender", headline=None):
         parent_id = _start_child_run(mlflow, stage, params, experiment, headline or {})
         tracker = StageRun(mlflow, stage, parent_id)
     except Exception as error:
-        warnings.warn(f"MLflow tracking skipped for stage '{stage}' ({tracking_uri()}): {error}")
+        warnings.warn(
+            f"MLflow tracking skipped for stage '{stage}' ({tracking_uri()}): {error}",
+            stacklevel=2,
+        )
         tracker = StageRun(None, stage)
     if not tracker.active:
         yield tracker

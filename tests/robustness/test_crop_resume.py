@@ -1,5 +1,6 @@
 """A killed crop restarts without redoing finished faces; faces made from other settings or
 records are never reused, and the index only appears once every face is written."""
+
 import shutil
 
 import pytest
@@ -21,7 +22,10 @@ def cropping(project, sample_dir, tmp_path):
 
 
 def faces(out):
-    return {path.relative_to(out).as_posix(): path.stat().st_mtime_ns for path in (out / "images").rglob("*.jpg")}
+    return {
+        path.relative_to(out).as_posix(): path.stat().st_mtime_ns
+        for path in (out / "images").rglob("*.jpg")
+    }
 
 
 def test_a_restart_keeps_finished_faces_and_redoes_the_rest(cropping):

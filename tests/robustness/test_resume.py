@@ -1,5 +1,6 @@
 """Training killed with SIGKILL mid-run restarts from its last finished epoch and ends where an
 uninterrupted run ends (CPU, fixed seed)."""
+
 import json
 import os
 import signal
@@ -16,8 +17,15 @@ SMALL = {
     "filter": {"limit": 400},
     "model": {"backbone": "vgg16"},
     "crop": {"size": 32},
-    "train": {"input_size": 32, "epochs": 40, "early_stopping": 0, "trainable_layers": 0, "head_units": [32, 16],
-              "batch_size": 16, "lr_schedule": "constant"},
+    "train": {
+        "input_size": 32,
+        "epochs": 40,
+        "early_stopping": 0,
+        "trainable_layers": 0,
+        "head_units": [32, 16],
+        "batch_size": 16,
+        "lr_schedule": "constant",
+    },
 }
 TRAIN = [sys.executable, "-m", "agegender.stages.train"]
 
@@ -38,7 +46,9 @@ def test_killed_training_resumes_to_the_same_result(repo):
     for output in ("metrics/train.json", "metrics/train_history.csv", "models/model.keras"):
         os.remove(repo / output)
 
-    process = subprocess.Popen(TRAIN, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        TRAIN, cwd=repo, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 300
     while finished_epochs(repo) < 3 and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.02)

@@ -1,6 +1,7 @@
 """Bad input through the stages as a user meets it: every bad file is counted under its
 reason, every bad input file fails with one paragraph, outputs are whole or absent, the same
 inputs give byte-identical outputs, and an unreachable MLflow costs only a warning."""
+
 import errno
 import io
 import json
@@ -44,14 +45,22 @@ BAD_FILES = {
     "cmyk": jpeg_bytes(Image.new("CMYK", (64, 64), (0, 50, 100, 0)), format="JPEG"),
     "palette": jpeg_bytes(Image.new("P", (64, 64), 3), format="PNG"),
 }
-EXPECTED = {"missing": "missing", "zero_byte": "unreadable", "truncated": "unreadable", "tiny": "too_small",
-            "png_named_jpg": None, "grayscale": None, "cmyk": None, "palette": None}
+EXPECTED = {
+    "missing": "missing",
+    "zero_byte": "unreadable",
+    "truncated": "unreadable",
+    "tiny": "too_small",
+    "png_named_jpg": None,
+    "grayscale": None,
+    "cmyk": None,
+    "palette": None,
+}
 
 
 def test_crop_counts_each_bad_file_under_its_reason(raw):
     _, params, root = raw
     records, _ = apply_filter(read_mat(root / "data/raw/wiki_crop/wiki.mat"), params["filter"])
-    for (kind, content), path in zip(BAD_FILES.items(), records["full_path"]):
+    for content, path in zip(BAD_FILES.values(), records["full_path"]):
         target = root / "data/raw/wiki_crop" / path
         if content is None:
             target.unlink()
@@ -80,9 +89,9 @@ def test_filter_counts_bad_dates_and_scores(raw):
     wiki = scipy.io.loadmat(mat)["wiki"]
     fields = {name: wiki[name][0, 0] for name in wiki.dtype.names}
     fields["dob"] = fields["dob"].astype(float)
-    fields["dob"][0, :3] = [np.nan, np.inf, 100]          # NaN, inf, before year 1
+    fields["dob"][0, :3] = [np.nan, np.inf, 100]  # NaN, inf, before year 1
     fields["photo_taken"] = fields["photo_taken"].astype(float)
-    fields["photo_taken"][0, 3] = 2014 + 100              # an age of 100+ years
+    fields["photo_taken"][0, 3] = 2014 + 100  # an age of 100+ years
     fields["face_score"] = fields["face_score"].astype(float)
     fields["face_score"][0, 4] = np.nan
     scipy.io.savemat(mat, {"wiki": fields})
@@ -101,8 +110,15 @@ def test_same_inputs_give_byte_identical_filter_and_split(raw):
         records = pd.read_csv(root / "data/filtered/records.csv")
         write_csv(root / "data/crops/index.csv", records)
         split.main()
-        outputs[attempt] = [(root / name).read_bytes() for name in
-                            ("data/filtered/records.csv", "data/split/train.csv", "data/split/val.csv", "data/split/test.csv")]
+        outputs[attempt] = [
+            (root / name).read_bytes()
+            for name in (
+                "data/filtered/records.csv",
+                "data/split/train.csv",
+                "data/split/val.csv",
+                "data/split/test.csv",
+            )
+        ]
     assert outputs[0] == outputs[1]
 
 
@@ -142,5 +158,7 @@ def test_a_full_disk_is_reported_as_one_paragraph(tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and "data/crops/images/x.jpg" in lines[0] and "Free disk space" in lines[0]
+    assert (
+        len(lines) == 1 and "data/crops/images/x.jpg" in lines[0] and "Free disk space" in lines[0]
+    )
     assert "Traceback" not in result.stderr

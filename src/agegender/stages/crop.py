@@ -4,6 +4,7 @@ Images that are missing, undecodable, too small, or (with mtcnn) hold no face ar
 and counted per reason in metrics/crop.json. A killed run restarts without redoing the faces
 it finished, as long as the settings and the records are the same (data/crops persists).
 """
+
 import hashlib
 import json
 import os
@@ -16,7 +17,14 @@ from pathlib import Path
 from agegender.datasets import DATASETS, dataset_dir
 from agegender.errors import PipelineError
 from agegender.files import read_csv, replace_atomically, write_csv, write_json
-from agegender.images import ImageSkip, crop_face, face_box_in_crop, grow_box, load_rgb, resize_whole
+from agegender.images import (
+    ImageSkip,
+    crop_face,
+    face_box_in_crop,
+    grow_box,
+    load_rgb,
+    resize_whole,
+)
 from agegender.layout import CROP_IMAGES, CROP_INDEX, CROPS, RAW, RECORDS
 from agegender.stage import stage
 
@@ -45,7 +53,11 @@ def crop_record(record, source_dir, out_dir, settings):
         if settings["method"] == "none":
             face = resize_whole(image, settings["size"])
         else:
-            face = crop_face(image, grow_box(face_box(record, image, settings), settings["margin"]), settings["size"])
+            face = crop_face(
+                image,
+                grow_box(face_box(record, image, settings), settings["margin"]),
+                settings["size"],
+            )
     except ImageSkip as skip:
         return skip.reason
     replace_atomically(target, lambda tmp: face.save(tmp, format="JPEG", quality=95))
@@ -76,8 +88,12 @@ def main(params, run):
     section = params["crop"]
     dataset = params["data"]["dataset"]
     records = read_csv(RECORDS)
-    settings = {**section, "dataset": dataset, "from_crop_archive": DATASETS[dataset]["folder"].endswith("_crop"),
-                "records_md5": hashlib.md5(RECORDS.read_bytes()).hexdigest()}
+    settings = {
+        **section,
+        "dataset": dataset,
+        "from_crop_archive": DATASETS[dataset]["folder"].endswith("_crop"),
+        "records_md5": hashlib.md5(RECORDS.read_bytes()).hexdigest(),
+    }
     prepare_output(CROPS, settings)
     workers = section["workers"] or os.cpu_count()
     reasons = crop_all(records, dataset_dir(RAW, dataset), CROP_IMAGES, settings, workers)
@@ -85,13 +101,21 @@ def main(params, run):
     skipped = Counter(reason for reason in reasons if reason is not None)
     if written.empty:
         raise PipelineError(
-            f"no face image could be written from {len(records)} records of {RECORDS}; skipped: {dict(skipped)}. "
+            f"no face image could be written from {len(records)} records of {RECORDS}; "
+            f"skipped: {dict(skipped)}. "
             f"Check that data/raw holds the images (the archive may hold only the .mat)."
         )
     as_jpeg = written["full_path"].map(lambda path: str(Path(path).with_suffix(".jpg")))
     write_csv(CROP_INDEX, written.assign(full_path=as_jpeg))
-    metrics = {"input": len(records), "written": len(written), "skipped": dict(sorted(skipped.items()))}
-    print(f"crop: wrote {metrics['written']} of {metrics['input']} faces; skipped {metrics['skipped']}")
+    metrics = {
+        "input": len(records),
+        "written": len(written),
+        "skipped": dict(sorted(skipped.items())),
+    }
+    print(
+        f"crop: wrote {metrics['written']} of {metrics['input']} faces; "
+        f"skipped {metrics['skipped']}"
+    )
     return metrics
 
 

@@ -7,6 +7,7 @@ Remote files land first in data/downloads/, a git-ignored cache that DVC never c
 deletes a stage's outputs before each run), so a re-run or an interrupted transfer does not
 fetch again what already arrived, and a file put there by hand is used as is.
 """
+
 import bz2
 import os
 import shutil
@@ -28,10 +29,19 @@ def fetch(source, hint=None):
     path = local_path(source["url"])
     if path is None:
         name = Path(urlparse(source["url"]).path).name
-        return download(source["url"], DOWNLOADS / name, size=source.get("size"),
-                        md5=source.get("md5"), sha256=source.get("sha256"), hint=hint)
+        return download(
+            source["url"],
+            DOWNLOADS / name,
+            size=source.get("size"),
+            md5=source.get("md5"),
+            sha256=source.get("sha256"),
+            hint=hint,
+        )
     if not path.is_file():
-        raise PipelineError(f"Archive {path} not found: check data.url in params.yaml (paths are relative to the repository root).")
+        raise PipelineError(
+            f"Archive {path} not found: check data.url in params.yaml "
+            "(paths are relative to the repository root)."
+        )
     return path
 
 
@@ -39,7 +49,9 @@ def download_data(params):
     dataset, url = params["data"]["dataset"], params["data"]["url"]
     spec = DATASETS[dataset]
     sources = [{"url": url}] if url else spec["archives"]
-    archives = [fetch(source, hint="or set data.url in params.yaml to a local copy") for source in sources]
+    archives = [
+        fetch(source, hint="or set data.url in params.yaml to a local copy") for source in sources
+    ]
     extract(archives, RAW)
     expected = mat_path(RAW, dataset)
     if not expected.is_file():
@@ -62,26 +74,34 @@ def package_models_dir():
         import face_recognition_models
     except ImportError:
         raise PipelineError(
-            "model.face_models is 'package' but the face_recognition_models package is not installed; "
+            "model.face_models is 'package' but the face_recognition_models package "
+            "is not installed; "
             "run `pip install -r requirements.txt`, or set model.face_models to a folder holding "
-            f"{' and '.join(name for name, _ in MODEL_FILES.values())}.") from None
+            f"{' and '.join(name for name, _ in MODEL_FILES.values())}."
+        ) from None
     return Path(face_recognition_models.face_recognition_model_location()).parent
 
 
 def fetch_face_models(source):
-    """The two dlib files into data/weights/ from the package, a folder or a URL of .dat.bz2 files."""
+    """The two dlib files into data/weights/ from the package, a folder or a URL of .dat.bz2
+    files."""
     WEIGHTS.mkdir(parents=True, exist_ok=True)
-    for name, sha256 in MODEL_FILES.values():
+    for name, _sha256 in MODEL_FILES.values():
         if is_remote(source):
-            packed = download(source.rstrip("/") + f"/{name}.bz2", DOWNLOADS / f"{name}.bz2",
-                              hint="or set model.face_models to a local folder (default: package)")
+            packed = download(
+                source.rstrip("/") + f"/{name}.bz2",
+                DOWNLOADS / f"{name}.bz2",
+                hint="or set model.face_models to a local folder (default: package)",
+            )
             with bz2.open(packed) as stream, open(WEIGHTS / name, "wb") as out:
                 shutil.copyfileobj(stream, out)
             continue
         folder = package_models_dir() if source == "package" else Path(source)
         if not (folder / name).is_file():
-            raise PipelineError(f"model.face_models: {folder / name} not found; give a folder holding {name} "
-                                "(or use package, or a URL of a folder of .dat.bz2 files).")
+            raise PipelineError(
+                f"model.face_models: {folder / name} not found; give a folder holding {name} "
+                "(or use package, or a URL of a folder of .dat.bz2 files)."
+            )
         link_or_copy(folder / name, WEIGHTS / name)
     try:
         check_model_files(WEIGHTS)
@@ -96,8 +116,11 @@ def download_weights(params):
     backbone, weights = params["model"]["backbone"], params["model"]["weights"]
     info = {"backbone": backbone, "weights": weights, "file": None, "md5": None}
     if backbone == "dlib_resnet":
-        info = {"backbone": backbone, "face_models": params["model"]["face_models"],
-                "files": fetch_face_models(params["model"]["face_models"])}
+        info = {
+            "backbone": backbone,
+            "face_models": params["model"]["face_models"],
+            "files": fetch_face_models(params["model"]["face_models"]),
+        }
     elif weights == "imagenet":
         source = weights_source(backbone, params["train"]["input_size"])
         cached = download(source["url"], DOWNLOADS / source["file"], md5=source["md5"])
@@ -105,7 +128,10 @@ def download_weights(params):
         link_or_copy(cached, WEIGHTS / source["file"])
         info.update(file=source["file"], md5=source["md5"])
     elif weights != "none" and not Path(weights).is_file():
-        raise PipelineError(f"model.weights is '{weights}': no such file. Use imagenet, none or the path of a weights file.")
+        raise PipelineError(
+            f"model.weights is '{weights}': no such file. "
+            "Use imagenet, none or the path of a weights file."
+        )
     write_json(WEIGHTS / "weights.json", info)
     return info
 

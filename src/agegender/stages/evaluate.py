@@ -1,5 +1,6 @@
 """Stage evaluate: the test split, reported as the reference design and the peers report,
 with figures (PNG) and a one-page report (metrics/report.md)."""
+
 import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -13,10 +14,28 @@ from agegender.features import kept_rows, load_features, read_manifest
 from agegender.files import read_csv, replace_atomically, write_csv
 from agegender.inference import open_model, takes_descriptors
 from agegender.labels import GENDERS, expected_age
-from agegender.layout import (CROP_IMAGES, EXTERNAL_REPORT, FEATURES, FIGURES, HISTORY, MODEL,
-                              PREDICTIONS, REPORT, split_table)
-from agegender.metrics import (age_bin, age_metrics, bin_labels, bin_probabilities, constant_age_baselines,
-                               gender_metrics, mean_age_baseline, per_age_bin, per_gender)
+from agegender.layout import (
+    CROP_IMAGES,
+    EXTERNAL_REPORT,
+    FEATURES,
+    FIGURES,
+    HISTORY,
+    MODEL,
+    PREDICTIONS,
+    REPORT,
+    split_table,
+)
+from agegender.metrics import (
+    age_bin,
+    age_metrics,
+    bin_labels,
+    bin_probabilities,
+    constant_age_baselines,
+    gender_metrics,
+    mean_age_baseline,
+    per_age_bin,
+    per_gender,
+)
 from agegender.report import build_report
 from agegender.stage import stage
 
@@ -24,26 +43,40 @@ from agegender.stage import stage
 def predictions_table(test, outputs, edges):
     """One row per test image, the columns DVC's confusion and scatter plots read."""
     labels = np.array(bin_labels(edges))
-    return pd.DataFrame({
-        "full_path": test["full_path"].to_numpy(),
-        "gender_true": np.array(GENDERS)[test["gender"].to_numpy()],
-        "gender_pred": np.array(GENDERS)[outputs["gender"].argmax(axis=1)],
-        "gender_confidence": np.round(outputs["gender"].max(axis=1), 4),
-        "age_true": test["age"].to_numpy(),
-        "age_pred": np.round(expected_age(outputs["age"]), 2),
-        "age_bin_true": labels[age_bin(test["age"].to_numpy(), edges)],
-        "age_bin_pred": labels[bin_probabilities(outputs["age"], edges).argmax(axis=1)],
-    })
+    return pd.DataFrame(
+        {
+            "full_path": test["full_path"].to_numpy(),
+            "gender_true": np.array(GENDERS)[test["gender"].to_numpy()],
+            "gender_pred": np.array(GENDERS)[outputs["gender"].argmax(axis=1)],
+            "gender_confidence": np.round(outputs["gender"].max(axis=1), 4),
+            "age_true": test["age"].to_numpy(),
+            "age_pred": np.round(expected_age(outputs["age"]), 2),
+            "age_bin_true": labels[age_bin(test["age"].to_numpy(), edges)],
+            "age_bin_pred": labels[bin_probabilities(outputs["age"], edges).argmax(axis=1)],
+        }
+    )
 
 
 def write_figures(predictions, by_bin, history, edges):
     """The PNG figures, by title; each a pure function of a table."""
     labels = bin_labels(edges)
     return {
-        "Gender confusion": plots.confusion_png(predictions, "gender_true", "gender_pred", GENDERS,
-                                                FIGURES / "gender_confusion.png", "Gender"),
-        "Age-bin confusion": plots.confusion_png(predictions, "age_bin_true", "age_bin_pred", labels,
-                                                 FIGURES / "age_bin_confusion.png", "Age bin"),
+        "Gender confusion": plots.confusion_png(
+            predictions,
+            "gender_true",
+            "gender_pred",
+            GENDERS,
+            FIGURES / "gender_confusion.png",
+            "Gender",
+        ),
+        "Age-bin confusion": plots.confusion_png(
+            predictions,
+            "age_bin_true",
+            "age_bin_pred",
+            labels,
+            FIGURES / "age_bin_confusion.png",
+            "Age bin",
+        ),
         "Predicted vs true age": plots.age_scatter_png(predictions, FIGURES / "age_scatter.png"),
         "MAE per age bin": plots.bin_mae_png(by_bin, FIGURES / "age_bin_mae.png"),
         "Training curves": plots.training_curves_png(history, FIGURES / "training_curves.png"),
@@ -51,8 +84,10 @@ def write_figures(predictions, by_bin, history, edges):
 
 
 def rounded(metrics):
-    return {key: {k: round(v, 6) for k, v in value.items()} if isinstance(value, dict) else value
-            for key, value in metrics.items()}
+    return {
+        key: {k: round(v, 6) for k, v in value.items()} if isinstance(value, dict) else value
+        for key, value in metrics.items()
+    }
 
 
 @stage("evaluate")
@@ -64,21 +99,27 @@ def main(params, run):
     model = open_model(MODEL)
     if takes_descriptors(model):  # the features stage cached the test faces' descriptors
         test = kept_rows(test, read_manifest(FEATURES), "test")
-        pairs = np.stack([load_features(FEATURES, "test"), load_features(FEATURES, "test_flipped")], axis=1)
+        pairs = np.stack(
+            [load_features(FEATURES, "test"), load_features(FEATURES, "test_flipped")], axis=1
+        )
         outputs = model.predict(pairs, batch_size=section["batch_size"], verbose=0)
     else:
-        outputs = model.predict(image_dataset(test, CROP_IMAGES, model.input_shape[1], section["batch_size"]), verbose=0)
+        outputs = model.predict(
+            image_dataset(test, CROP_IMAGES, model.input_shape[1], section["batch_size"]), verbose=0
+        )
     outputs = {task: np.asarray(values, dtype=np.float64) for task, values in outputs.items()}
 
     age = age_metrics(test["age"], outputs["age"], edges, cs_years)
     age["mean_baseline_mae"] = mean_age_baseline(test["age"], train["age"].mean())
     age.update(constant_age_baselines(test["age"], train["age"], edges, cs_years))
-    metrics = rounded({
-        "test_images": len(test),
-        "test_skipped_no_landmarks": split_size - len(test),
-        "gender": gender_metrics(test["gender"], outputs["gender"], train["gender"].mean()),
-        "age": age,
-    })
+    metrics = rounded(
+        {
+            "test_images": len(test),
+            "test_skipped_no_landmarks": split_size - len(test),
+            "gender": gender_metrics(test["gender"], outputs["gender"], train["gender"].mean()),
+            "age": age,
+        }
+    )
     predictions = predictions_table(test, outputs, edges)
     by_bin = per_age_bin(test["age"], outputs["age"], edges)
     by_gender = per_gender(test["gender"], outputs["gender"], GENDERS)
@@ -87,7 +128,9 @@ def main(params, run):
     links = {title: path.relative_to(REPORT.parent).as_posix() for title, path in figures.items()}
     report = build_report(metrics, predictions, by_bin, by_gender, links, cs_years)
     if EXTERNAL_REPORT.exists():
-        report += "\n" + EXTERNAL_REPORT.read_text(encoding="utf8").replace("# External evaluation", "## External evaluation", 1)
+        report += "\n" + EXTERNAL_REPORT.read_text(encoding="utf8").replace(
+            "# External evaluation", "## External evaluation", 1
+        )
 
     write_csv(PREDICTIONS, predictions)
     replace_atomically(REPORT, lambda tmp: tmp.write_text(report, encoding="utf8"))
@@ -95,9 +138,12 @@ def main(params, run):
     for path in [PREDICTIONS, REPORT, *figures.values()]:
         run.log_artifact(path, artifact_path="figures" if path.suffix == ".png" else None)
     gender = metrics["gender"]
-    print(f"evaluate: gender accuracy {gender['accuracy']:.4f} (majority {gender['majority_baseline']:.4f}), "
-          f"age MAE {age['mae']:.2f} (mean baseline {age['mean_baseline_mae']:.2f}), "
-          f"exact {age['exact_accuracy']:.4f}; report in {REPORT}")
+    print(
+        f"evaluate: gender accuracy {gender['accuracy']:.4f} "
+        f"(majority {gender['majority_baseline']:.4f}), "
+        f"age MAE {age['mae']:.2f} (mean baseline {age['mean_baseline_mae']:.2f}), "
+        f"exact {age['exact_accuracy']:.4f}; report in {REPORT}"
+    )
     return metrics
 
 

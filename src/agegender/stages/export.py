@@ -5,6 +5,7 @@ For an image model (VGG16, ...) both files map face images to the outputs. For a
 model they hold the Keras part only: a face's descriptor and its mirror image's, (N, 2, 128),
 to the outputs; dlib computes the descriptors (agegender.face_descriptor). The registered
 pyfunc model carries the dlib files too and takes face crops either way."""
+
 import os
 import shutil
 import warnings
@@ -23,8 +24,9 @@ from agegender.labels import TASKS
 from agegender.layout import MODEL, SAVED_MODEL, STAGE_METRICS, TFLITE, WEIGHTS
 from agegender.serving import float32_model, register_pyfunc
 from agegender.stage import stage
-CHECK_IMAGES = 4     # random inputs (images in [0, 255], or descriptors) both formats predict
-TOLERANCE = 1e-3     # largest difference in any output probability the export may show
+
+CHECK_IMAGES = 4  # random inputs (images in [0, 255], or descriptors) both formats predict
+TOLERANCE = 1e-3  # largest difference in any output probability the export may show
 
 
 def input_name(model):
@@ -41,9 +43,13 @@ def export_saved_model(model, target):
     so dropout and the augmentations would stay on in the export. Nor `archive.track(model)`:
     it stores every weight twice (Keras 3.15); the endpoint tracks the variables it uses."""
     archive = keras.export.ExportArchive()
-    archive.add_endpoint("serve", lambda inputs: model(inputs, training=False),
-                         input_signature=[tf.TensorSpec((None, *model.input_shape[1:]), tf.float32,
-                                                        name=input_name(model))])
+    archive.add_endpoint(
+        "serve",
+        lambda inputs: model(inputs, training=False),
+        input_signature=[
+            tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name=input_name(model))
+        ],
+    )
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -66,7 +72,10 @@ def tflite_predict(tflite_file, images, name="image"):
         warnings.simplefilter("ignore", UserWarning)
         interpreter = tf.lite.Interpreter(model_path=str(tflite_file))
     runner = interpreter.get_signature_runner("serving_default")
-    return {task: np.asarray(values) for task, values in runner(**{name: images.astype(np.float32)}).items()}
+    return {
+        task: np.asarray(values)
+        for task, values in runner(**{name: images.astype(np.float32)}).items()
+    }
 
 
 def check_inputs(model, seed, count=CHECK_IMAGES):
@@ -78,13 +87,23 @@ def check_inputs(model, seed, count=CHECK_IMAGES):
 
 
 def differences(reference, other):
-    return {task: float(np.abs(np.asarray(reference[task], np.float64) - np.asarray(other[task], np.float64)).max())
-            for task in TASKS}
+    return {
+        task: float(
+            np.abs(
+                np.asarray(reference[task], np.float64) - np.asarray(other[task], np.float64)
+            ).max()
+        )
+        for task in TASKS
+    }
 
 
 def size_of(path):
     path = Path(path)
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file()) if path.is_dir() else path.stat().st_size
+    return (
+        sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
 
 
 @stage("export")
@@ -104,10 +123,16 @@ def main(params, run):
         "cast_to_float32": model is not original,
         "max_abs_diff": {
             "tflite": differences(keras_outputs, tflite_predict(TFLITE, images, input_name(model))),
-            "saved_model": differences(keras_outputs, {k: v.numpy() for k, v in saved_outputs.items()}),
+            "saved_model": differences(
+                keras_outputs, {k: v.numpy() for k, v in saved_outputs.items()}
+            ),
         },
     }
-    sizes = {"keras": size_of(MODEL), "saved_model": size_of(SAVED_MODEL), "tflite": size_of(TFLITE)}
+    sizes = {
+        "keras": size_of(MODEL),
+        "saved_model": size_of(SAVED_MODEL),
+        "tflite": size_of(TFLITE),
+    }
     run.log_metrics({"size_bytes": sizes})  # SavedModel bytes differ run to run: not a DVC metric
     worst = max(max(values.values()) for values in metrics["max_abs_diff"].values())
     if worst > TOLERANCE:
@@ -119,9 +144,11 @@ def main(params, run):
     run.log_artifact(TFLITE, artifact_path="tflite")
     face_models = WEIGHTS if takes_descriptors(model) else None
     registered = register_pyfunc(run, MODEL, params, face_models)
-    print(f"export: {SAVED_MODEL} and {TFLITE} ({sizes['tflite'] / 1e6:.1f} MB), TFLite max "
-          f"difference gender {metrics['max_abs_diff']['tflite']['gender']:.1e}, age "
-          f"{metrics['max_abs_diff']['tflite']['age']:.1e}{registered}")
+    print(
+        f"export: {SAVED_MODEL} and {TFLITE} ({sizes['tflite'] / 1e6:.1f} MB), TFLite max "
+        f"difference gender {metrics['max_abs_diff']['tflite']['gender']:.1e}, age "
+        f"{metrics['max_abs_diff']['tflite']['age']:.1e}{registered}"
+    )
     return metrics
 
 

@@ -7,6 +7,7 @@ exactly the network that made the cache. dlib's face-recognition network (`dlib_
 128-D descriptor of every crop of train (and mirrors), val and test, so evaluate reads the
 test descriptors from here too; faces whose landmarks can't be found are counted and left out.
 """
+
 import os
 import time
 
@@ -30,11 +31,18 @@ def read_split(name):
 
 def keras_features(params, versions):
     """Outputs of the frozen part of a Keras backbone; returns the manifest's extra fields."""
-    networks = build_networks(**network_settings(params), weights_file=base_weights(params["model"]["weights"]))
+    networks = build_networks(
+        **network_settings(params), weights_file=base_weights(params["model"]["weights"])
+    )
     for name, flip in versions:
         table = read_split(name.removesuffix("_flipped"))
-        batches = image_dataset(table, CROP_IMAGES, params["train"]["input_size"],
-                                params["features"]["batch_size"], flip=flip)
+        batches = image_dataset(
+            table,
+            CROP_IMAGES,
+            params["train"]["input_size"],
+            params["features"]["batch_size"],
+            flip=flip,
+        )
         save_features(FEATURES, name, networks.feature_extractor.predict(batches, verbose=0))
     networks.base.save_weights(FEATURES / "base.weights.h5")
     return {"shape": list(networks.feature_extractor.output.shape[1:]), "skipped": {}}
@@ -60,28 +68,46 @@ def descriptor_features(params, versions):
         skipped[split] = table["full_path"][missing].tolist()
         for name in names:
             save_features(FEATURES, name, arrays[name][~missing], exact=True)
-    return {"shape": [DESCRIPTOR_SIZE], "skipped": skipped, "face_margin": margin,
-            "extra_versions": ["test", "test_flipped"]}
+    return {
+        "shape": [DESCRIPTOR_SIZE],
+        "skipped": skipped,
+        "face_margin": margin,
+        "extra_versions": ["test", "test_flipped"],
+    }
 
 
 @stage("features")
 def main(params, run):
     section, seed, backbone = params["train"], params["seed"], params["model"]["backbone"]
     keras.utils.set_random_seed(seed)
-    versions = [("train", False), ("val", False)] + ([("train_flipped", True)] if section["augment"]["flip"] else [])
+    versions = [("train", False), ("val", False)] + (
+        [("train_flipped", True)] if section["augment"]["flip"] else []
+    )
     started = time.perf_counter()
     made = (descriptor_features if backbone == "dlib_resnet" else keras_features)(params, versions)
     seconds = time.perf_counter() - started
     names = [name for name, _ in versions] + made.pop("extra_versions", [])
     images = sum(len(read_split(name.removesuffix("_flipped"))) for name in names)
-    write_manifest(FEATURES, {"versions": names, "backbone": backbone, "trainable_layers": section["trainable_layers"],
-                             **made})
+    write_manifest(
+        FEATURES,
+        {
+            "versions": names,
+            "backbone": backbone,
+            "trainable_layers": section["trainable_layers"],
+            **made,
+        },
+    )
     speed = round(images / seconds, 2)
     run.log_metrics({"images_per_second": speed, "seconds": round(seconds, 1)})
-    metrics = {"images": images, "feature_size": int(np.prod(made["shape"])),
-               "no_landmarks": {split: len(paths) for split, paths in made["skipped"].items()}}
-    print(f"features: {images} images through the frozen {backbone} -> {made['shape']}, "
-          f"{speed} images/s; no landmarks: {metrics['no_landmarks']}")
+    metrics = {
+        "images": images,
+        "feature_size": int(np.prod(made["shape"])),
+        "no_landmarks": {split: len(paths) for split, paths in made["skipped"].items()},
+    }
+    print(
+        f"features: {images} images through the frozen {backbone} -> {made['shape']}, "
+        f"{speed} images/s; no landmarks: {metrics['no_landmarks']}"
+    )
     return metrics
 
 

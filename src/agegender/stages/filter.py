@@ -3,6 +3,7 @@
 Whether an image file exists and decodes is not checked here but in crop, where images are
 read, so that an archive holding only the .mat can already be filtered and counted.
 """
+
 from agegender.datasets import mat_path
 from agegender.errors import PipelineError
 from agegender.files import write_csv
@@ -31,13 +32,16 @@ def main(params, run):
     if kept.empty:
         worst = max(removed, key=removed.get)
         raise PipelineError(
-            f"no record of {mat} passes the filter: rule '{worst}' removed {removed[worst]} of {len(table)}. "
+            f"no record of {mat} passes the filter: "
+            f"rule '{worst}' removed {removed[worst]} of {len(table)}. "
             f"Loosen that threshold in params.yaml (filter section)."
         )
     metrics = filter_metrics(table, kept, removed)
     write_csv(RECORDS, kept)
-    print(f"filter: kept {metrics['kept']} of {metrics['total']} records "
-          f"({metrics['male']} male, {metrics['female']} female)")
+    print(
+        f"filter: kept {metrics['kept']} of {metrics['total']} records "
+        f"({metrics['male']} male, {metrics['female']} female)"
+    )
     return metrics
 
 

@@ -3,6 +3,7 @@
 Peers split images at random, so the same celebrity sits in train and test and their figures
 are inflated; here every identity (celeb_id, else name) lands in exactly one split.
 """
+
 import numpy as np
 
 from agegender.errors import PipelineError
@@ -30,7 +31,9 @@ def assign_splits(records, fractions, age_bin_width, seed):
         counts = sizes.loc[identities].to_numpy()
         middle = (np.cumsum(counts) - counts / 2) / counts.sum()
         for identity, position in zip(identities, middle):
-            assignment[identity] = SPLITS[int(np.searchsorted(bounds, position, side="right").clip(max=2))]
+            assignment[identity] = SPLITS[
+                int(np.searchsorted(bounds, position, side="right").clip(max=2))
+            ]
     return records["identity"].map(assignment)
 
 
@@ -55,8 +58,9 @@ def main(params, run):
     empty = [name for name, part in parts.items() if part.empty]
     if empty:
         raise PipelineError(
-            f"split {', '.join(empty)} is empty: {len(records)} images in {CROP_INDEX} are too few for the fractions "
-            f"{[section[name] for name in SPLITS]}. Use more data (filter.limit) or larger fractions."
+            f"split {', '.join(empty)} is empty: {len(records)} images in {CROP_INDEX} "
+            f"are too few for the fractions {[section[name] for name in SPLITS]}. "
+            f"Use more data (filter.limit) or larger fractions."
         )
     for name, part in parts.items():
         write_csv(split_table(name), part)
