@@ -1,4 +1,5 @@
 """agegender.params: params.yaml is checked before any stage does work."""
+
 import pytest
 import yaml
 from conftest import REPO
@@ -148,49 +149,106 @@ def test_min_age_above_max_age(write_params):
         load_params(path)
 
 
-@pytest.mark.parametrize("key, value, message", [
-    ("dropout", 1.0, r"'train\.dropout' must be in \[0, 1\)"),
-    ("lr", 0, r"'train\.lr' must be above 0"),
-    ("epochs", 0, r"'train\.epochs' must be at least 1"),
-    ("input_size", 16, r"'train\.input_size' must be at least 32"),
-])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("dropout", 1.0, r"'train\.dropout' must be in \[0, 1\)"),
+        ("lr", 0, r"'train\.lr' must be above 0"),
+        ("epochs", 0, r"'train\.epochs' must be at least 1"),
+        ("input_size", 16, r"'train\.input_size' must be at least 32"),
+    ],
+)
 def test_train_value_ranges(write_params, key, value, message):
     path = write_params(lambda p: p["train"].update({key: value}))
     with pytest.raises(PipelineError, match=message):
         load_params(path)
 
 
-@pytest.mark.parametrize("edit, message", [
-    (lambda p: p["train"].update(age_loss="l2"), r"'train\.age_loss' must be one of cross_entropy, mean_variance, dldl"),
-    (lambda p: (p["model"].update(backbone="resnet50"), p["train"].update(trainable_layers=2)),
-     r"'train\.trainable_layers' must be 0 for backbones other than vgg16"),
-    (lambda p: p["train"].update(mixed_precision="maybe"), r"'train\.mixed_precision' must be true, false or auto"),
-    (lambda p: p["train"].update(jit_compile="yes"), r"'train\.jit_compile' must be true, false or auto"),
-    (lambda p: p["train"].update(early_stopping=-1), r"'train\.early_stopping' must be 0 \(off\) or a patience"),
-    (lambda p: p["train"].update(lr_schedule="step"), r"'train\.lr_schedule' must be constant, cosine or plateau"),
-    (lambda p: p["train"].update(pooling="max"), r"'train\.pooling' must be flatten or avg"),
-    (lambda p: p["train"].update(gender_weighting="inverse"), r"'train\.gender_weighting' must be none or balanced"),
-    (lambda p: p["train"].update(label_smoothing=1.0), r"'train\.label_smoothing' must be in \[0, 1\)"),
-    (lambda p: p["train"].update(trainable_layers=-1), r"'train\.trainable_layers' must be 0 or more"),
-    (lambda p: p["train"].update(finetune_epochs=-2), r"'train\.finetune_epochs' must be 0 with model\.backbone dlib"),
-    (lambda p: (p["model"].update(backbone="vgg16"), p["train"].update(finetune_epochs=-2)),
-     r"'train\.finetune_layers' and train\.finetune_epochs"),
-    (lambda p: p["model"].update(face_models=" "), r"'model\.face_models' must be package"),
-    (lambda p: p["train"].update(finetune_lr=0), r"'train\.finetune_lr' must be above 0"),
-    (lambda p: p["model"].update(backbone="vgg19"), r"'model\.backbone' must be one of dlib_resnet, vgg16, resnet50"),
-    (lambda p: p["train"].update(mixed_precision=1), r"'train\.mixed_precision' must be true, false or auto"),
-    (lambda p: p["train"]["augment"].update(flip="yes"), r"'train\.augment\.flip' must be true or false"),
-])
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda p: p["train"].update(age_loss="l2"),
+            r"'train\.age_loss' must be one of cross_entropy, mean_variance, dldl",
+        ),
+        (
+            lambda p: (
+                p["model"].update(backbone="resnet50"),
+                p["train"].update(trainable_layers=2),
+            ),
+            r"'train\.trainable_layers' must be 0 for backbones other than vgg16",
+        ),
+        (
+            lambda p: p["train"].update(mixed_precision="maybe"),
+            r"'train\.mixed_precision' must be true, false or auto",
+        ),
+        (
+            lambda p: p["train"].update(jit_compile="yes"),
+            r"'train\.jit_compile' must be true, false or auto",
+        ),
+        (
+            lambda p: p["train"].update(early_stopping=-1),
+            r"'train\.early_stopping' must be 0 \(off\) or a patience",
+        ),
+        (
+            lambda p: p["train"].update(lr_schedule="step"),
+            r"'train\.lr_schedule' must be constant, cosine or plateau",
+        ),
+        (lambda p: p["train"].update(pooling="max"), r"'train\.pooling' must be flatten or avg"),
+        (
+            lambda p: p["train"].update(gender_weighting="inverse"),
+            r"'train\.gender_weighting' must be none or balanced",
+        ),
+        (
+            lambda p: p["train"].update(label_smoothing=1.0),
+            r"'train\.label_smoothing' must be in \[0, 1\)",
+        ),
+        (
+            lambda p: p["train"].update(trainable_layers=-1),
+            r"'train\.trainable_layers' must be 0 or more",
+        ),
+        (
+            lambda p: p["train"].update(finetune_epochs=-2),
+            r"'train\.finetune_epochs' must be 0 with model\.backbone dlib",
+        ),
+        (
+            lambda p: (p["model"].update(backbone="vgg16"), p["train"].update(finetune_epochs=-2)),
+            r"'train\.finetune_layers' and train\.finetune_epochs",
+        ),
+        (lambda p: p["model"].update(face_models=" "), r"'model\.face_models' must be package"),
+        (lambda p: p["train"].update(finetune_lr=0), r"'train\.finetune_lr' must be above 0"),
+        (
+            lambda p: p["model"].update(backbone="vgg19"),
+            r"'model\.backbone' must be one of dlib_resnet, vgg16, resnet50",
+        ),
+        (
+            lambda p: p["train"].update(mixed_precision=1),
+            r"'train\.mixed_precision' must be true, false or auto",
+        ),
+        (
+            lambda p: p["train"]["augment"].update(flip="yes"),
+            r"'train\.augment\.flip' must be true or false",
+        ),
+    ],
+)
 def test_train_choices_are_checked(write_params, edit, message):
     with pytest.raises(PipelineError, match=message):
         load_params(write_params(edit))
 
 
-@pytest.mark.parametrize("edit", [
-    lambda p: p["train"].update(mixed_precision=True, jit_compile=False),
-    lambda p: p["train"].update(mixed_precision="auto", jit_compile="auto"),
-    lambda p: (p["model"].update(backbone="mobilenetv3small"), p["train"].update(trainable_layers=0, finetune_layers=20)),
-    lambda p: p["train"].update(age_loss="dldl", lr_schedule="cosine", early_stopping=0, gender_weighting="balanced"),
-])
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda p: p["train"].update(mixed_precision=True, jit_compile=False),
+        lambda p: p["train"].update(mixed_precision="auto", jit_compile="auto"),
+        lambda p: (
+            p["model"].update(backbone="mobilenetv3small"),
+            p["train"].update(trainable_layers=0, finetune_layers=20),
+        ),
+        lambda p: p["train"].update(
+            age_loss="dldl", lr_schedule="cosine", early_stopping=0, gender_weighting="balanced"
+        ),
+    ],
+)
 def test_train_choices_accepted(write_params, edit):
     load_params(write_params(edit))

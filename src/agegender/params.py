@@ -1,4 +1,5 @@
 """Loading and checking params.yaml, so a typo fails before any work instead of mid-run."""
+
 from pathlib import Path
 
 import yaml
@@ -18,22 +19,43 @@ SCHEMA = {
     "data": {"dataset": str, "url": str},
     "model": {"backbone": str, "weights": str, "face_models": str},
     "filter": {
-        "min_face_score": NUMBER, "max_second_face_score": (float, int, type(None)),
-        "min_age": int, "max_age": int, "limit": int,
+        "min_face_score": NUMBER,
+        "max_second_face_score": (float, int, type(None)),
+        "min_age": int,
+        "max_age": int,
+        "limit": int,
     },
     "crop": {
-        "method": str, "size": int, "margin": NUMBER, "source_margin": NUMBER,
-        "min_source_size": int, "workers": int,
+        "method": str,
+        "size": int,
+        "margin": NUMBER,
+        "source_margin": NUMBER,
+        "min_source_size": int,
+        "workers": int,
     },
     "split": {"train": NUMBER, "val": NUMBER, "test": NUMBER, "age_bin_width": int},
     "train": {
-        "input_size": int, "trainable_layers": int, "pooling": str, "head_units": list, "dropout": NUMBER,
-        "lr": NUMBER, "lr_schedule": str, "epochs": int, "early_stopping": int, "batch_size": int,
-        "label_smoothing": NUMBER, "gender_weighting": str, "age_loss": str,
+        "input_size": int,
+        "trainable_layers": int,
+        "pooling": str,
+        "head_units": list,
+        "dropout": NUMBER,
+        "lr": NUMBER,
+        "lr_schedule": str,
+        "epochs": int,
+        "early_stopping": int,
+        "batch_size": int,
+        "label_smoothing": NUMBER,
+        "gender_weighting": str,
+        "age_loss": str,
         "loss_weights": {"gender": NUMBER, "age": NUMBER},
         "augment": {"flip": bool, "brightness": NUMBER},
-        "finetune_layers": int, "finetune_lr": NUMBER, "finetune_epochs": int,
-        "mixed_precision": AUTO_BOOL, "jit_compile": AUTO_BOOL, "cache_images": bool,
+        "finetune_layers": int,
+        "finetune_lr": NUMBER,
+        "finetune_epochs": int,
+        "mixed_precision": AUTO_BOOL,
+        "jit_compile": AUTO_BOOL,
+        "cache_images": bool,
     },
     "evaluate": {"batch_size": int, "age_bins": list, "cs_years": int},
     "external": {"sets": list},
@@ -57,17 +79,22 @@ def load_params(path="params.yaml"):
 
 def check_against(schema, values, path, prefix):
     if not isinstance(values, dict):
-        raise PipelineError(f"{path}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys.")
+        raise PipelineError(
+            f"{path}: '{prefix.rstrip('.') or 'the file'}' must be a mapping of keys."
+        )
     for key in values:
         if key not in schema:
             allowed = ", ".join(sorted(schema))
             raise PipelineError(
-                f"{path}: unknown key '{prefix}{key}'; allowed here: {allowed}. Fix the spelling or remove it."
+                f"{path}: unknown key '{prefix}{key}'; allowed here: {allowed}. "
+                "Fix the spelling or remove it."
             )
     for key, expected in schema.items():
         name = f"{prefix}{key}"
         if key not in values:
-            raise PipelineError(f"{path}: key '{name}' is missing; add it (see the README for its meaning).")
+            raise PipelineError(
+                f"{path}: key '{name}' is missing; add it (see the README for its meaning)."
+            )
         if isinstance(expected, dict):
             check_against(expected, values[key], path, prefix=f"{name}.")
         elif isinstance(values[key], bool) and bool not in _as_tuple(expected):
@@ -83,16 +110,42 @@ def check_values(params, path):
         if not condition:
             raise PipelineError(f"{path}: '{key}' {message}.")
 
-    require(params["data"]["dataset"] in DATASETS, "data.dataset", f"must be one of {', '.join(DATASETS)}")
-    require(params["model"]["backbone"] in BACKBONES, "model.backbone", f"must be one of {', '.join(BACKBONES)}")
-    require(params["crop"]["method"] in CROP_METHODS, "crop.method", f"must be one of {', '.join(CROP_METHODS)}")
+    require(
+        params["data"]["dataset"] in DATASETS,
+        "data.dataset",
+        f"must be one of {', '.join(DATASETS)}",
+    )
+    require(
+        params["model"]["backbone"] in BACKBONES,
+        "model.backbone",
+        f"must be one of {', '.join(BACKBONES)}",
+    )
+    require(
+        params["crop"]["method"] in CROP_METHODS,
+        "crop.method",
+        f"must be one of {', '.join(CROP_METHODS)}",
+    )
     require(params["crop"]["margin"] >= 0, "crop.margin", "must be 0 or more")
     require(params["crop"]["size"] >= 8, "crop.size", "must be at least 8 pixels")
-    require(params["train"]["input_size"] >= 32, "train.input_size", "must be at least 32 pixels (VGG16 pools five times)")
+    require(
+        params["train"]["input_size"] >= 32,
+        "train.input_size",
+        "must be at least 32 pixels (VGG16 pools five times)",
+    )
     fractions = [params["split"][name] for name in ("train", "val", "test")]
-    require(all(f > 0 for f in fractions), "split", "fractions train, val and test must each be above 0")
-    require(abs(sum(fractions) - 1) < 1e-6, "split", f"fractions must sum to 1, they sum to {sum(fractions):g}")
-    require(params["filter"]["min_age"] <= params["filter"]["max_age"], "filter.min_age", "must not exceed filter.max_age")
+    require(
+        all(f > 0 for f in fractions), "split", "fractions train, val and test must each be above 0"
+    )
+    require(
+        abs(sum(fractions) - 1) < 1e-6,
+        "split",
+        f"fractions must sum to 1, they sum to {sum(fractions):g}",
+    )
+    require(
+        params["filter"]["min_age"] <= params["filter"]["max_age"],
+        "filter.min_age",
+        "must not exceed filter.max_age",
+    )
     require(params["train"]["epochs"] >= 1, "train.epochs", "must be at least 1")
     require(params["train"]["batch_size"] >= 1, "train.batch_size", "must be at least 1")
     require(0 <= params["train"]["dropout"] < 1, "train.dropout", "must be in [0, 1)")
@@ -101,23 +154,50 @@ def check_values(params, path):
     require(train["finetune_lr"] > 0, "train.finetune_lr", "must be above 0")
     require(train["trainable_layers"] >= 0, "train.trainable_layers", "must be 0 or more")
     if params["model"]["backbone"] == "dlib_resnet":
-        require(train["finetune_epochs"] == 0, "train.finetune_epochs",
-                "must be 0 with model.backbone dlib_resnet: dlib's network runs outside Keras and stays frozen")
-    require(params["model"]["face_models"].strip() != "", "model.face_models",
-            "must be package (the files inside the installed face_recognition_models), a folder holding the "
-            "two dlib .dat files, or an http(s) URL of a folder holding them as .dat.bz2 (as dlib.net/files/)")
-    require(train["trainable_layers"] == 0 or params["model"]["backbone"] in ("vgg16", "dlib_resnet"),
-            "train.trainable_layers",
-            "must be 0 for backbones other than vgg16 (only a chain of layers can be cut for the feature cache); "
-            "use train.finetune_layers to train the end of the backbone on images")
-    require(train["finetune_layers"] >= 0 and train["finetune_epochs"] >= 0, "train.finetune_layers",
-            "and train.finetune_epochs must be 0 or more")
+        require(
+            train["finetune_epochs"] == 0,
+            "train.finetune_epochs",
+            "must be 0 with model.backbone dlib_resnet: dlib's network runs outside Keras "
+            "and stays frozen",
+        )
+    require(
+        params["model"]["face_models"].strip() != "",
+        "model.face_models",
+        "must be package (the files inside the installed face_recognition_models), a folder "
+        "holding the two dlib .dat files, or an http(s) URL of a folder holding them as .dat.bz2 "
+        "(as dlib.net/files/)",
+    )
+    require(
+        train["trainable_layers"] == 0 or params["model"]["backbone"] in ("vgg16", "dlib_resnet"),
+        "train.trainable_layers",
+        "must be 0 for backbones other than vgg16 (only a chain of layers can be cut for the "
+        "feature cache); use train.finetune_layers to train the end of the backbone on images",
+    )
+    require(
+        train["finetune_layers"] >= 0 and train["finetune_epochs"] >= 0,
+        "train.finetune_layers",
+        "and train.finetune_epochs must be 0 or more",
+    )
     require(train["pooling"] in ("flatten", "avg"), "train.pooling", "must be flatten or avg")
-    require(train["lr_schedule"] in ("constant", "cosine", "plateau"), "train.lr_schedule", "must be constant, cosine or plateau")
-    require(train["gender_weighting"] in ("none", "balanced"), "train.gender_weighting", "must be none or balanced")
-    require(train["age_loss"] in AGE_LOSSES, "train.age_loss", f"must be one of {', '.join(AGE_LOSSES)}")
+    require(
+        train["lr_schedule"] in ("constant", "cosine", "plateau"),
+        "train.lr_schedule",
+        "must be constant, cosine or plateau",
+    )
+    require(
+        train["gender_weighting"] in ("none", "balanced"),
+        "train.gender_weighting",
+        "must be none or balanced",
+    )
+    require(
+        train["age_loss"] in AGE_LOSSES, "train.age_loss", f"must be one of {', '.join(AGE_LOSSES)}"
+    )
     require(0 <= train["label_smoothing"] < 1, "train.label_smoothing", "must be in [0, 1)")
-    require(train["early_stopping"] >= 0, "train.early_stopping", "must be 0 (off) or a patience in epochs")
+    require(
+        train["early_stopping"] >= 0,
+        "train.early_stopping",
+        "must be 0 (off) or a patience in epochs",
+    )
     for key in ("mixed_precision", "jit_compile"):
         require(train[key] in (True, False, "auto"), f"train.{key}", "must be true, false or auto")
 
@@ -129,6 +209,12 @@ def _as_tuple(expected):
 def _type_names(expected):
     if expected == AUTO_BOOL:
         return "true, false or auto"
-    names = {int: "an integer", float: "a number", str: "a string", bool: "true or false",
-             list: "a list", type(None): "null"}
+    names = {
+        int: "an integer",
+        float: "a number",
+        str: "a string",
+        bool: "true or false",
+        list: "a list",
+        type(None): "null",
+    }
     return " or ".join(dict.fromkeys(names[t] for t in _as_tuple(expected)))
