@@ -150,6 +150,70 @@ def test_min_age_above_max_age(write_params):
 
 
 @pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            {"max_age": 101},
+            r"'filter\.max_age' must be at most 100: the age head has one class per year 0\.\.100",
+        ),
+        ({"min_age": 0, "max_age": 150}, r"'filter\.max_age' must be at most 100"),
+        ({"min_age": -1}, r"'filter\.min_age' must be 0 or more"),
+    ],
+)
+def test_ages_outside_the_age_head_are_refused(write_params, edit, message):
+    """Not folded into the last class: a 120-year-old face would be learnt as 100."""
+    with pytest.raises(PipelineError, match=message):
+        load_params(write_params(lambda p: p["filter"].update(edit)))
+
+
+def test_the_whole_age_head_is_accepted(write_params):
+    params = load_params(write_params(lambda p: p["filter"].update(min_age=0, max_age=100)))
+    assert (params["filter"]["min_age"], params["filter"]["max_age"]) == (0, 100)
+
+
+def test_knobs_that_were_hard_coded_are_params():
+    params = load_params(REPO / "params.yaml")
+    assert params["features"]["batch_size"] == 64
+    assert (params["train"]["plateau_factor"], params["train"]["plateau_patience"]) == (0.5, 2)
+
+
+@pytest.mark.parametrize(
+    "edit, message",
+    [
+        (
+            lambda p: p["features"].update(batch_size=0),
+            r"'features\.batch_size' must be at least 1",
+        ),
+        (
+            lambda p: p["features"].update(batch_size=8.5),
+            r"'features\.batch_size' must be an integer",
+        ),
+        (lambda p: p.pop("features"), r"key 'features' is missing"),
+        (
+            lambda p: p["train"].update(plateau_factor=1),
+            r"'train\.plateau_factor' must be in \(0, 1\)",
+        ),
+        (
+            lambda p: p["train"].update(plateau_factor=0.0),
+            r"'train\.plateau_factor' must be in \(0, 1\)",
+        ),
+        (lambda p: p["train"].pop("plateau_factor"), r"key 'train\.plateau_factor' is missing"),
+        (
+            lambda p: p["train"].update(plateau_patience=0),
+            r"'train\.plateau_patience' must be at least 1",
+        ),
+        (
+            lambda p: p["train"].update(plateau_patience=1.5),
+            r"'train\.plateau_patience' must be an integer",
+        ),
+    ],
+)
+def test_features_and_plateau_values_are_checked(write_params, edit, message):
+    with pytest.raises(PipelineError, match=message):
+        load_params(write_params(edit))
+
+
+@pytest.mark.parametrize(
     "key, value, message",
     [
         ("dropout", 1.0, r"'train\.dropout' must be in \[0, 1\)"),

@@ -12,6 +12,7 @@ AGE_LOSSES = ("cross_entropy", "mean_variance", "dldl")
 AUTO_BOOL = (bool, str)  # true, false or "auto"
 CROP_METHODS = ("metadata", "mtcnn", "none")
 NUMBER = (int, float)
+MAX_AGE = 100  # the age head's classes are the ages 0..100 (model.TASKS)
 
 # Allowed keys and their types; None as a type means "null allowed".
 SCHEMA = {
@@ -34,6 +35,7 @@ SCHEMA = {
         "workers": int,
     },
     "split": {"train": NUMBER, "val": NUMBER, "test": NUMBER, "age_bin_width": int},
+    "features": {"batch_size": int},
     "train": {
         "input_size": int,
         "trainable_layers": int,
@@ -42,6 +44,8 @@ SCHEMA = {
         "dropout": NUMBER,
         "lr": NUMBER,
         "lr_schedule": str,
+        "plateau_factor": NUMBER,
+        "plateau_patience": int,
         "epochs": int,
         "early_stopping": int,
         "batch_size": int,
@@ -146,6 +150,14 @@ def check_values(params, path):
         "filter.min_age",
         "must not exceed filter.max_age",
     )
+    require(params["filter"]["min_age"] >= 0, "filter.min_age", "must be 0 or more")
+    require(
+        params["filter"]["max_age"] <= MAX_AGE,
+        "filter.max_age",
+        f"must be at most {MAX_AGE}: the age head has one class per year 0..{MAX_AGE}, "
+        f"and an older face would be learnt and scored as {MAX_AGE}",
+    )
+    require(params["features"]["batch_size"] >= 1, "features.batch_size", "must be at least 1")
     require(params["train"]["epochs"] >= 1, "train.epochs", "must be at least 1")
     require(params["train"]["batch_size"] >= 1, "train.batch_size", "must be at least 1")
     require(0 <= params["train"]["dropout"] < 1, "train.dropout", "must be in [0, 1)")
@@ -184,6 +196,12 @@ def check_values(params, path):
         "train.lr_schedule",
         "must be constant, cosine or plateau",
     )
+    require(
+        0 < train["plateau_factor"] < 1,
+        "train.plateau_factor",
+        "must be in (0, 1): the learning rate is multiplied by it on a plateau",
+    )
+    require(train["plateau_patience"] >= 1, "train.plateau_patience", "must be at least 1 epoch")
     require(
         train["gender_weighting"] in ("none", "balanced"),
         "train.gender_weighting",
