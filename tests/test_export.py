@@ -3,6 +3,8 @@ registered in MLflow, and no failed stage when MLflow fails."""
 
 import json
 import shutil
+import subprocess
+import sys
 import uuid
 import warnings
 
@@ -139,3 +141,36 @@ def test_float32_model_of_a_mixed_precision_model():
     for task in ("gender", "age"):
         np.testing.assert_allclose(got[task], expected[task], atol=5e-3)
     assert float32_model(copy) is copy
+
+
+EXPORT_IN_A_FRESH_PROCESS = """
+import sys
+import keras
+from agegender.stages.export import export_saved_model
+
+keras.utils.set_random_seed(0)
+inputs = keras.Input((16,))
+x = inputs
+for units in (32, 24, 16, 8):
+    x = keras.layers.Dense(units, activation="relu")(x)
+    x = keras.layers.BatchNormalization()(x)
+model = keras.Model(inputs, {"gender": keras.layers.Dense(2, name="gender")(x),
+                             "age": keras.layers.Dense(101, name="age")(x)})
+export_saved_model(model, sys.argv[1])
+"""
+
+
+def test_the_saved_model_is_the_same_bytes_every_time(tmp_path):
+    """dvc.lock records the export's hash, so a re-export of the same model must not change it
+    (TensorFlow orders a function's variables by memory address and writes a random uuid)."""
+    contents = []
+    for name in ("first", "second"):
+        subprocess.run(
+            [sys.executable, "-c", EXPORT_IN_A_FRESH_PROCESS, str(tmp_path / name)],
+            check=True,
+            capture_output=True,
+        )
+        files = sorted(p for p in (tmp_path / name).rglob("*") if p.is_file())
+        contents.append({p.relative_to(tmp_path / name): p.read_bytes() for p in files})
+    assert "saved_model.pb" in {str(path) for path in contents[0]}
+    assert contents[0] == contents[1]

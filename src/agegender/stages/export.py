@@ -6,6 +6,7 @@ model they hold the Keras part only: a face's descriptor and its mirror image's,
 to the outputs; dlib computes the descriptors (agegender.face_descriptor). The registered
 pyfunc model carries the dlib files too and takes face crops either way."""
 
+import hashlib
 import os
 import shutil
 import warnings
@@ -41,24 +42,45 @@ def export_saved_model(model, target):
     Not `model.export()`: it calls the model without `training=False`, and Keras 3 then takes
     the `training=True` default of the RandomFlip/RandomBrightness layers for the whole model,
     so dropout and the augmentations would stay on in the export. Nor `archive.track(model)`:
-    it stores every weight twice (Keras 3.15); the endpoint tracks the variables it uses."""
-    archive = keras.export.ExportArchive()
-    archive.add_endpoint(
-        "serve",
-        lambda inputs: model(inputs, training=False),
-        input_signature=[
-            tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name=input_name(model))
-        ],
+    it stores every weight twice (Keras 3.15); the endpoint tracks the variables it uses.
+
+    TensorFlow lists a traced function's variables in a set keyed by memory address, so the
+    SavedModel's bytes would change from run to run (and dvc.lock with them); the variables
+    are put in the model's own order first, which makes the export byte-for-byte repeatable."""
+    spec = tf.TensorSpec((None, *model.input_shape[1:]), tf.float32, name=input_name(model))
+    serve = tf.function(lambda inputs: model(inputs, training=False), input_signature=[spec])
+    traced = serve.get_concrete_function()
+    rank = {id(variable.value): index for index, variable in enumerate(model.variables)}
+    traced.set_variables(
+        sorted(traced.variables, key=lambda v: (rank.get(id(v), len(rank)), v.name))
     )
+    archive = keras.export.ExportArchive()
+    archive.add_endpoint("serve", serve)
     target = Path(target)
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         archive.write_out(str(tmp), verbose=False)
+        pin_fingerprint_uuid(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def pin_fingerprint_uuid(saved_model_dir):
+    """TensorFlow writes a random uuid into fingerprint.pb; one derived from the fingerprint's
+    content hashes keeps equal exports equal to the byte."""
+    from tensorflow.core.protobuf import fingerprint_pb2
+
+    path = Path(saved_model_dir) / "fingerprint.pb"
+    if not path.is_file():
+        return
+    fingerprint = fingerprint_pb2.FingerprintDef.FromString(path.read_bytes())
+    fingerprint.uuid = ""
+    content = hashlib.sha256(fingerprint.SerializeToString(deterministic=True)).hexdigest()
+    fingerprint.uuid = str(int(content[:32], 16))
+    path.write_bytes(fingerprint.SerializeToString(deterministic=True))
 
 
 def convert_to_tflite(saved_model_dir, target):
