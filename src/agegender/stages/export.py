@@ -155,7 +155,7 @@ def main(params, run):
         "saved_model": size_of(SAVED_MODEL),
         "tflite": size_of(TFLITE),
     }
-    run.log_metrics({"size_bytes": sizes})  # SavedModel bytes differ run to run: not a DVC metric
+    run.log_metrics({"size_bytes": sizes})  # MLflow only: DVC metrics hold what params move
     worst = max(max(values.values()) for values in metrics["max_abs_diff"].values())
     if worst > TOLERANCE:
         raise PipelineError(
