@@ -1,4 +1,5 @@
 """agegender.model: the backbone cut into a frozen feature extractor and a trainable head."""
+
 import time
 
 import numpy as np
@@ -11,9 +12,15 @@ from agegender.training import compile_for_training  # noqa: E402
 
 SIZE = 64
 HEAD = (16, 8)
-VGG16_CONVS = [f"block{b}_conv{c}" for b, n in zip(range(1, 6), (2, 2, 3, 3, 3)) for c in range(1, n + 1)]
-SECTION = {"lr_schedule": "constant", "label_smoothing": 0.0, "age_loss": "cross_entropy",
-           "loss_weights": {"gender": 1.0, "age": 1.0}}
+VGG16_CONVS = [
+    f"block{b}_conv{c}" for b, n in zip(range(1, 6), (2, 2, 3, 3, 3)) for c in range(1, n + 1)
+]
+SECTION = {
+    "lr_schedule": "constant",
+    "label_smoothing": 0.0,
+    "age_loss": "cross_entropy",
+    "loss_weights": {"gender": 1.0, "age": 1.0},
+}
 
 
 def images(count, seed=0, size=SIZE):
@@ -22,8 +29,10 @@ def images(count, seed=0, size=SIZE):
 
 def labels(count, seed=0):
     rng = np.random.default_rng(seed)
-    return {"gender": keras.utils.to_categorical(rng.integers(0, 2, count), 2).astype("float32"),
-            "age": keras.utils.to_categorical(rng.integers(0, 101, count), 101).astype("float32")}
+    return {
+        "gender": keras.utils.to_categorical(rng.integers(0, 2, count), 2).astype("float32"),
+        "age": keras.utils.to_categorical(rng.integers(0, 101, count), 101).astype("float32"),
+    }
 
 
 def as_numpy(outputs):
@@ -42,8 +51,10 @@ def trainable_names(model):
 
 def test_output_shapes(networks):
     for model in (networks.image_model, networks.head_model):
-        assert {task: tuple(output.shape) for task, output in model.output.items()} \
-            == {"gender": (None, 2), "age": (None, 101)}
+        assert {task: tuple(output.shape) for task, output in model.output.items()} == {
+            "gender": (None, 2),
+            "age": (None, 101),
+        }
     predicted = as_numpy(networks.image_model.predict(images(3), verbose=0))
     assert predicted["gender"].shape == (3, 2) and predicted["age"].shape == (3, 101)
     for task in TASKS:
@@ -53,7 +64,9 @@ def test_output_shapes(networks):
 def test_head_on_features_equals_the_image_model(networks):
     x = images(4, seed=2)
     whole = as_numpy(networks.image_model(x, training=False))
-    split = as_numpy(networks.head_model(networks.feature_extractor(x, training=False), training=False))
+    split = as_numpy(
+        networks.head_model(networks.feature_extractor(x, training=False), training=False)
+    )
     for task in TASKS:
         np.testing.assert_allclose(split[task], whole[task], rtol=1e-5, atol=1e-6)
 
@@ -63,7 +76,12 @@ def test_three_trainable_layers_are_block5(networks):
     assert trainable == ["block5_conv1", "block5_conv2", "block5_conv3"]
     convs = [layer.name for layer in networks.base.layers if layer.weights]
     assert convs == VGG16_CONVS
-    assert tuple(networks.feature_extractor.output.shape) == (None, 4, 4, 512)  # block4_pool at 64 px
+    assert tuple(networks.feature_extractor.output.shape) == (
+        None,
+        4,
+        4,
+        512,
+    )  # block4_pool at 64 px
     assert tuple(networks.head_model.input.shape) == (None, 4, 4, 512)
     assert not networks.feature_extractor.trainable_weights
     head_layers = {layer.name for layer in networks.head_model.layers}
@@ -73,7 +91,12 @@ def test_three_trainable_layers_are_block5(networks):
 
 def test_zero_trainable_layers_freezes_the_whole_base():
     nets = build_networks(SIZE, trainable_layers=0, head_units=HEAD)
-    assert tuple(nets.feature_extractor.output.shape) == (None, 2, 2, 512)  # block5_pool: the whole base
+    assert tuple(nets.feature_extractor.output.shape) == (
+        None,
+        2,
+        2,
+        512,
+    )  # block5_pool: the whole base
     assert tuple(nets.feature_extractor.output.shape) == tuple(nets.base.output.shape)
     assert not nets.feature_extractor.trainable_weights
     assert not [layer for layer in nets.base.layers if layer.trainable and layer.weights]
@@ -101,8 +124,14 @@ def test_training_the_head_changes_the_image_model_and_it_saves(tmp_path):
     before = as_numpy(nets.image_model(x, training=False))
     frozen_before = nets.base.get_layer("block1_conv1").kernel.numpy().copy()
     shared_before = nets.base.get_layer("block5_conv3").kernel.numpy().copy()
-    compile_for_training(nets.head_model, {**SECTION, "age_loss": "dldl", "lr_schedule": "cosine"}, 1e-2,
-                         steps_per_epoch=1, epochs=1, jit_compile=False)
+    compile_for_training(
+        nets.head_model,
+        {**SECTION, "age_loss": "dldl", "lr_schedule": "cosine"},
+        1e-2,
+        steps_per_epoch=1,
+        epochs=1,
+        jit_compile=False,
+    )
     history = nets.head_model.fit(features, labels(8), batch_size=8, epochs=1, verbose=0)
     assert np.isfinite(history.history["loss"][0])
     assert {"gender_accuracy", "age_accuracy", "gender_loss", "age_loss"} <= set(history.history)
@@ -110,8 +139,12 @@ def test_training_the_head_changes_the_image_model_and_it_saves(tmp_path):
     np.testing.assert_array_equal(frozen_before, nets.base.get_layer("block1_conv1").kernel.numpy())
     after = as_numpy(nets.image_model.predict(x, verbose=0))
     assert not np.allclose(before["age"], after["age"])
-    np.testing.assert_allclose(after["age"], np.asarray(nets.head_model(features, training=False)["age"]),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        after["age"],
+        np.asarray(nets.head_model(features, training=False)["age"]),
+        rtol=1e-5,
+        atol=1e-6,
+    )
 
     nets.image_model.save(tmp_path / "model.keras")
     loaded = load_model(tmp_path / "model.keras")
@@ -152,7 +185,9 @@ def test_vgg16_top_at_224_trains_fc1_on_flattened_features():
     assert "fc1" in head_layers and "flatten" not in head_layers
     assert tuple(nets.head_model.get_layer("fc1").output.shape) == (None, 4096)
     assert "fc2" not in [layer.name for layer in nets.base.layers]
-    assert [layer.name for layer in nets.base.layers if layer.trainable and layer.weights] == ["fc1"]
+    assert [layer.name for layer in nets.base.layers if layer.trainable and layer.weights] == [
+        "fc1"
+    ]
 
 
 def test_weights_file_in_keras_legacy_h5_format_is_loaded(tmp_path):
@@ -160,13 +195,17 @@ def test_weights_file_in_keras_legacy_h5_format_is_loaded(tmp_path):
     h5py = pytest.importorskip("h5py")
     from keras.src.legacy.saving import legacy_h5_format
 
-    source = keras.applications.MobileNetV3Small(include_top=False, weights=None, input_shape=(SIZE, SIZE, 3))
+    source = keras.applications.MobileNetV3Small(
+        include_top=False, weights=None, input_shape=(SIZE, SIZE, 3)
+    )
     rng = np.random.default_rng(7)
     for weight in source.weights:
         weight.assign(rng.normal(0, 0.01, weight.shape).astype("float32"))
     with h5py.File(tmp_path / "notop.h5", "w") as file:
         legacy_h5_format.save_weights_to_hdf5_group(file, source)
-    nets = build_networks(SIZE, backbone="mobilenetv3small", weights_file=tmp_path / "notop.h5", head_units=HEAD)
+    nets = build_networks(
+        SIZE, backbone="mobilenetv3small", weights_file=tmp_path / "notop.h5", head_units=HEAD
+    )
     assert len(nets.base.weights) == len(source.weights)
     for expected, got in zip(source.weights, nets.base.weights):
         np.testing.assert_array_equal(got.numpy(), expected.numpy())

@@ -1,5 +1,6 @@
 """What the features and train stages share: the network as params describe it, the
 pretrained weights file, and how a model is compiled and stopped."""
+
 import json
 from pathlib import Path
 
@@ -20,7 +21,9 @@ def network_settings(params):
     return {
         "input_size": train["input_size"],
         "backbone": params["model"]["backbone"],
-        "use_top": train["input_size"] == 224 and params["model"]["weights"] != "none" and params["model"]["backbone"] == "vgg16",
+        "use_top": train["input_size"] == 224
+        and params["model"]["weights"] != "none"
+        and params["model"]["backbone"] == "vgg16",
         "trainable_layers": train["trainable_layers"],
         "pooling": train["pooling"],
         "head_units": train["head_units"],
@@ -39,22 +42,32 @@ def base_weights(weights):
         manifest_path = WEIGHTS_DIR / "weights.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         if not manifest.get("file"):
-            raise PipelineError(f"model.weights is imagenet but {manifest_path} names no weights file; run `dvc repro download_weights`.")
+            raise PipelineError(
+                f"model.weights is imagenet but {manifest_path} names no weights file; "
+                "run `dvc repro download_weights`."
+            )
         path = WEIGHTS_DIR / manifest["file"]
     else:
         path = Path(weights)
     if not path.exists():
-        raise PipelineError(f"model.weights: file {path} not found; run `dvc repro download_weights` or fix the path.")
+        raise PipelineError(
+            f"model.weights: file {path} not found; run `dvc repro download_weights` "
+            "or fix the path."
+        )
     return path
 
 
 def compile_for_training(model, section, lr, steps_per_epoch, epochs, jit_compile):
     if section["lr_schedule"] == "cosine":
-        lr = keras.optimizers.schedules.CosineDecay(lr, decay_steps=max(1, steps_per_epoch * epochs))
+        lr = keras.optimizers.schedules.CosineDecay(
+            lr, decay_steps=max(1, steps_per_epoch * epochs)
+        )
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=lr),
-        loss={"gender": HeadLoss("cross_entropy", section["label_smoothing"]),
-              "age": HeadLoss(section["age_loss"], section["label_smoothing"])},
+        loss={
+            "gender": HeadLoss("cross_entropy", section["label_smoothing"]),
+            "age": HeadLoss(section["age_loss"], section["label_smoothing"]),
+        },
         loss_weights=dict(section["loss_weights"]),
         metrics={task: ["accuracy"] for task in TASKS},
         jit_compile=jit_compile,
@@ -69,13 +82,22 @@ def training_callbacks(section, backup_dir, phase, extra, seed=0):
     resume_point(backup_dir, phase)
     checkpoint, log = Path(backup_dir) / phase, Path(backup_dir) / f"{phase}.csv"
     log.parent.mkdir(parents=True, exist_ok=True)
-    callbacks = [keras.callbacks.BackupAndRestore(str(checkpoint), double_checkpoint=True), ReseedEachEpoch(seed),
-                 keras.callbacks.CSVLogger(str(log), append=True), *extra]
+    callbacks = [
+        keras.callbacks.BackupAndRestore(str(checkpoint), double_checkpoint=True),
+        ReseedEachEpoch(seed),
+        keras.callbacks.CSVLogger(str(log), append=True),
+        *extra,
+    ]
     if section["early_stopping"]:
-        callbacks.append(keras.callbacks.EarlyStopping(
-            monitor="val_loss", patience=section["early_stopping"], restore_best_weights=True))
+        callbacks.append(
+            keras.callbacks.EarlyStopping(
+                monitor="val_loss", patience=section["early_stopping"], restore_best_weights=True
+            )
+        )
     if section["lr_schedule"] == "plateau":
-        callbacks.append(keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2))
+        callbacks.append(
+            keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2)
+        )
     return callbacks
 
 
@@ -88,13 +110,17 @@ def resume_point(backup_dir, phase):
         log.unlink(missing_ok=True)
     elif log.exists():
         rows = log.read_text().splitlines(keepends=True)
-        log.write_text("".join(rows[:epochs + 1]))
+        log.write_text("".join(rows[: epochs + 1]))
     return epochs
 
 
 def phase_history(backup_dir, phases):
     """All epochs of the phases that ran, numbered on, as CSVLogger wrote them."""
-    logs = [pd.read_csv(Path(backup_dir) / f"{phase}.csv") for phase in phases if (Path(backup_dir) / f"{phase}.csv").exists()]
+    logs = [
+        pd.read_csv(Path(backup_dir) / f"{phase}.csv")
+        for phase in phases
+        if (Path(backup_dir) / f"{phase}.csv").exists()
+    ]
     history = pd.concat(logs, ignore_index=True)
     history["epoch"] = range(len(history))
     return history
