@@ -3,8 +3,10 @@
 import copy
 import inspect
 import json
+import shutil
 
 import numpy as np
+import pandas as pd
 import pytest
 from conftest import REPO
 
@@ -16,12 +18,16 @@ from agegender.losses import HeadLoss  # noqa: E402
 from agegender.model import build_networks  # noqa: E402
 from agegender.params import load_params  # noqa: E402
 from agegender.training import (  # noqa: E402
+    ImageRows,
     ReseedEachEpoch,
+    TrainingState,
     base_weights,
     compile_for_training,
     network_settings,
     phase_history,
     resume_point,
+    saved_state,
+    seed_generators,
     training_callbacks,
 )
 
@@ -133,6 +139,8 @@ def section(**overrides):
         "age_loss": "mean_variance",
         "loss_weights": {"gender": 1.0, "age": 0.5},
         "early_stopping": 0,
+        "plateau_factor": 0.5,
+        "plateau_patience": 2,
         **overrides,
     }
 
@@ -195,12 +203,13 @@ def test_callbacks(tmp_path):
     extra = keras.callbacks.Callback()
     plain = training_callbacks(section(), tmp_path, "head", [extra])
     assert callback_types(plain) == [
-        keras.callbacks.BackupAndRestore,
         ReseedEachEpoch,
         keras.callbacks.CSVLogger,
         keras.callbacks.Callback,
+        TrainingState,
     ]
-    assert plain[2].filename == str(tmp_path / "head.csv") and plain[2].append
+    assert plain[1].filename == str(tmp_path / "head.csv") and plain[1].append
+    assert plain[-1].path == tmp_path / "head.state.npz" and plain[-1].stateful == []
 
     stopping = training_callbacks(
         section(early_stopping=4, lr_schedule="cosine"), tmp_path, "head", []
@@ -210,22 +219,42 @@ def test_callbacks(tmp_path):
     assert early[0].monitor == "val_loss"
     assert keras.callbacks.ReduceLROnPlateau not in callback_types(stopping)
 
-    plateau = training_callbacks(section(lr_schedule="plateau"), tmp_path, "head", [])
-    assert keras.callbacks.ReduceLROnPlateau in callback_types(plateau)
+    plateau = training_callbacks(
+        section(lr_schedule="plateau", plateau_factor=0.25, plateau_patience=3),
+        tmp_path,
+        "finetune",
+        [],
+    )
+    reduce = [c for c in plateau if isinstance(c, keras.callbacks.ReduceLROnPlateau)]
+    assert len(reduce) == 1 and (reduce[0].factor, reduce[0].patience) == (0.25, 3)
     assert keras.callbacks.EarlyStopping not in callback_types(plateau)
+    # last: it saves what the others did at the end of an epoch, and restores after they reset
+    assert isinstance(plateau[-1], TrainingState) and plateau[-1].stateful == reduce
+    assert plateau[-1].path == tmp_path / "finetune.state.npz"
 
 
-def test_a_fresh_phase_forgets_an_old_log_and_a_resumed_one_is_cut_to_its_checkpoint(tmp_path):
+def write_state(directory, phase, epoch):
+    directory.mkdir(parents=True, exist_ok=True)
+    state = {"epoch": epoch, "stopped": False, "callbacks": []}
+    np.savez(directory / f"{phase}.state.npz", state=np.array(json.dumps(state)))
+
+
+def test_a_fresh_phase_forgets_an_old_log(tmp_path):
     (tmp_path / "head.csv").write_text("epoch,loss\n0,1.0\n")
     assert resume_point(tmp_path, "head") == 0
     assert not (tmp_path / "head.csv").exists()
-    (tmp_path / "head").mkdir()
-    (tmp_path / "head" / "training_metadata.json").write_text('{"epoch": 2, "batch": 0}')
-    (tmp_path / "head.csv").write_text(
-        "epoch,loss\n0,3.0\n1,2.0\n2,1.0\n"
-    )  # killed after logging epoch 2
+
+
+def test_a_resumed_log_keeps_the_complete_rows_of_the_saved_epochs(tmp_path):
+    """A kill can land after an epoch's row and before its state, or in the middle of a row."""
+    write_state(tmp_path, "head", 2)
+    (tmp_path / "head.csv").write_text("epoch,loss\n0,3.0\n1,2.0\n2,1.0\n3,0.")
     assert resume_point(tmp_path, "head") == 2
     assert (tmp_path / "head.csv").read_text() == "epoch,loss\n0,3.0\n1,2.0\n"
+    write_state(tmp_path, "finetune", 7)  # numbered on from the head phase's 5 epochs
+    (tmp_path / "finetune.csv").write_text("epoch,loss\n5,0.9\n6,0.8\n7,0.7\n")
+    assert resume_point(tmp_path, "finetune") == 7
+    assert (tmp_path / "finetune.csv").read_text() == "epoch,loss\n5,0.9\n6,0.8\n"
 
 
 def test_phase_history_numbers_epochs_on(tmp_path):
@@ -233,3 +262,196 @@ def test_phase_history_numbers_epochs_on(tmp_path):
     (tmp_path / "finetune.csv").write_text("epoch,loss\n2,1.5\n")
     history = phase_history(tmp_path, ["head", "finetune"])
     assert list(history["epoch"]) == [0, 1, 2] and list(history["loss"]) == [3.0, 2.0, 1.5]
+
+
+# Head-phase-like training where every kept counter matters: the rate halves after one epoch
+# without progress and early stopping ends the phase after 6 of 20 epochs, at the best epoch's
+# weights.
+RESUMABLE = section(
+    lr_schedule="plateau",
+    plateau_patience=1,
+    early_stopping=3,
+    label_smoothing=0.0,
+    age_loss="dldl",
+)
+
+
+class Killed(Exception):
+    pass
+
+
+class KillIn(keras.callbacks.Callback):
+    """Raises in the middle of epoch `epoch`: as if the process died there."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch, self.now = epoch, None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.now = epoch
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.now == self.epoch and batch == 1:
+            raise Killed
+
+
+class CountEpochs(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.epochs = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.epochs.append(epoch)
+
+
+def tiny_fit(backup, *extra, epochs=20):
+    """A fresh process's model and data (same seeds), fitted with the phase's callbacks."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((8,))
+    hidden = keras.layers.Dropout(0.3, seed=1)(keras.layers.Dense(32, activation="relu")(inputs))
+    model = keras.Model(
+        inputs,
+        {
+            task: keras.layers.Dense(classes, activation="softmax", name=task)(hidden)
+            for task, classes in (("gender", 2), ("age", 101))
+        },
+    )
+    compile_for_training(
+        model, RESUMABLE, 0.03, steps_per_epoch=4, epochs=epochs, jit_compile=False
+    )
+    rng = np.random.default_rng(0)
+
+    def data(count):
+        return (
+            rng.normal(size=(count, 8)).astype("float32"),
+            {
+                "gender": keras.utils.to_categorical(rng.integers(0, 2, count), 2),
+                "age": keras.utils.to_categorical(rng.integers(0, 101, count), 101),
+            },
+        )
+
+    train, val = data(64), data(32)
+    callbacks = training_callbacks(RESUMABLE, backup, "head", list(extra), seed=1)
+    try:
+        model.fit(
+            *train,
+            validation_data=val,
+            batch_size=16,
+            epochs=epochs,
+            shuffle=False,
+            callbacks=callbacks,
+            verbose=0,
+        )
+    except Killed:
+        pass
+    return model
+
+
+def assert_same_training(model, expected):
+    for got, want in zip(model.get_weights(), expected.get_weights(), strict=True):
+        np.testing.assert_allclose(got, want, rtol=0, atol=1e-6)
+    assert int(model.optimizer.iterations) == int(expected.optimizer.iterations)
+    assert float(model.optimizer.learning_rate) == float(expected.optimizer.learning_rate)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    backup = tmp_path_factory.mktemp("uninterrupted")
+    return tiny_fit(backup), backup
+
+
+def test_the_tiny_fit_needs_every_counter(uninterrupted):
+    model, backup = uninterrupted
+    state = saved_state(backup, "head")
+    assert state["stopped"] and state["epoch"] == 6  # early stopping ended it ...
+    assert state["callbacks"][0]["best_epoch"] == 2  # ... at the weights of epoch 3 of 6 ...
+    assert float(model.optimizer.learning_rate) == pytest.approx(
+        0.03 / 8
+    )  # ... the rate halved thrice
+
+
+def test_killed_twice_mid_epoch_a_fit_ends_as_an_uninterrupted_one(uninterrupted, tmp_path):
+    """Killed after the best epoch and a halving, then after two more halvings with early
+    stopping's patience nearly used: the third run trains the last epoch and stops as the
+    uninterrupted one did, with its weights, step, rate and log."""
+    expected, expected_backup = uninterrupted
+    tiny_fit(tmp_path, KillIn(3))
+    assert saved_state(tmp_path, "head")["epoch"] == 3
+    tiny_fit(tmp_path, KillIn(5))
+    assert saved_state(tmp_path, "head")["epoch"] == 5
+    counted = CountEpochs()
+    assert_same_training(tiny_fit(tmp_path, counted), expected)
+    assert counted.epochs == [5]
+    assert (tmp_path / "head.csv").read_text() == (expected_backup / "head.csv").read_text()
+
+
+def test_a_phase_that_ended_restores_its_end_and_trains_no_epoch(uninterrupted, tmp_path):
+    """What lets a kill in fine-tuning skip the head phase: its state is kept after `fit`."""
+    expected, expected_backup = uninterrupted
+    shutil.copytree(expected_backup, tmp_path, dirs_exist_ok=True)
+    counted = CountEpochs()
+    assert_same_training(tiny_fit(tmp_path, counted), expected)
+    assert counted.epochs == []
+    assert (tmp_path / "head.csv").read_text() == (expected_backup / "head.csv").read_text()
+
+
+def test_the_state_is_one_file_replaced_in_one_step(uninterrupted, tmp_path, monkeypatch):
+    """A kill while the state is written leaves the previous epoch's state whole."""
+    tiny_fit(tmp_path, KillIn(2))
+    before = (tmp_path / "head.state.npz").read_bytes()
+
+    def die_while_writing(file, **arrays):
+        file.write(b"half a file")
+        raise Killed
+
+    monkeypatch.setattr(np, "savez", die_while_writing)
+    tiny_fit(tmp_path)
+    assert (tmp_path / "head.state.npz").read_bytes() == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["head.csv", "head.state.npz"]
+
+
+def test_a_state_of_another_network_is_refused_by_name(uninterrupted, tmp_path):
+    _, backup = uninterrupted
+    shutil.copytree(backup, tmp_path, dirs_exist_ok=True)
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
+    model.compile(keras.optimizers.Adam(), "mse")
+    callbacks = training_callbacks(section(), tmp_path, "head", [])
+    with pytest.raises(PipelineError, match=f"delete {tmp_path}"):
+        model.fit(np.ones((4, 3)), np.ones((4, 2)), epochs=1, callbacks=callbacks, verbose=0)
+
+
+def test_augmentation_layers_are_reseeded_too():
+    nets = build_networks(
+        32, trainable_layers=0, head_units=(4, 4), flip=True, brightness=0.1, seed=1
+    )
+    found = seed_generators(nets.image_model)
+    generators = [
+        nets.image_model.get_layer(name).generator
+        for name in ("augment_flip", "augment_brightness")
+    ]
+    assert len(found) == 6 and all(any(g is f for f in found) for g in generators)  # and 4 dropouts
+
+
+def test_image_rows_decode_as_the_input_pipeline(tmp_path):
+    from PIL import Image
+
+    from agegender.data import image_dataset
+
+    rng = np.random.default_rng(0)
+    for index in range(5):
+        Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)).save(
+            tmp_path / f"{index}.jpg"
+        )
+    table = pd.DataFrame(
+        {
+            "full_path": [f"{index}.jpg" for index in range(5)],
+            "gender": [0, 1, 0, 1, 1],
+            "age": [10, 20, 30, 40, 50],
+        }
+    )
+    whole = next(iter(image_dataset(table, tmp_path, 32, 5)))[0].numpy()
+    rows = np.array([3, 0, 4])
+    for in_memory in (True, False):
+        images = ImageRows(table, tmp_path, 32, in_memory)
+        assert len(images) == 5
+        np.testing.assert_array_equal(images[rows], whole[rows])

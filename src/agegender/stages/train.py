@@ -10,20 +10,19 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
-import numpy as np
 import pandas as pd
 
 from agegender import devices
 from agegender.data import image_dataset
 from agegender.labels import one_hot
 from agegender.errors import exits_cleanly
-from agegender.features import (EpochSync, FeatureBatches, gender_class_weights, gender_sample_weights, kept_rows,
-                                load_features, read_manifest)
+from agegender.features import EpochSync, FeatureBatches, kept_rows, load_features, read_manifest
 from agegender.files import write_csv, write_json
 from agegender.model import TASKS, build_networks, set_trainable_tail
 from agegender.params import load_params
 from agegender.tracking import StageRun, stage_run
-from agegender.training import compile_for_training, network_settings, phase_history, resume_point, training_callbacks
+from agegender.training import (ImageRows, compile_for_training, network_settings, phase_history,
+                                resume_point, sample_weights, training_callbacks)
 
 SPLIT_DIR = Path("data/split")
 IMAGE_DIR = Path("data/crops/images")
@@ -38,8 +37,7 @@ def train_head(networks, section, seed, train, val, setup, callbacks, first_epoc
     """Phase 1: every epoch reads the cached features, never an image."""
     manifest = read_manifest(FEATURES)
     flipped = load_features(FEATURES, "train_flipped") if "train_flipped" in manifest["versions"] else None
-    weights = {"gender": gender_sample_weights(train["gender"], section["gender_weighting"]),
-               "age": np.ones(len(train), dtype=np.float32)}
+    weights = sample_weights(train, section["gender_weighting"])
     batch = section["batch_size"] * setup["replicas"]
     features = load_features(FEATURES, "train")
     if networks.normalizer is not None:
@@ -53,18 +51,19 @@ def train_head(networks, section, seed, train, val, setup, callbacks, first_epoc
 
 
 def finetune(networks, section, seed, train, val, setup, callbacks, first_epoch):
-    """Phase 2: the last `finetune_layers` of the backbone learn too, on augmented images."""
+    """Phase 2: the last `finetune_layers` of the backbone learn too, on augmented images, in
+    batches drawn as the head phase draws them (from the seed and the epoch)."""
     set_trainable_tail(networks.base, max(section["finetune_layers"], section["trainable_layers"]))
     size, batch = section["input_size"], section["batch_size"] * setup["replicas"]
-    class_weights = gender_class_weights(train["gender"], section["gender_weighting"])
-    images = image_dataset(train, IMAGE_DIR, size, batch, shuffle_seed=seed, cache=section["cache_images"],
-                           gender_weights=class_weights)
+    images = ImageRows(train, IMAGE_DIR, size, in_memory=section["cache_images"])
+    weights = sample_weights(train, section["gender_weighting"])
+    batches = FeatureBatches(images, one_hot(train), weights, batch, seed, epoch=first_epoch)
     with setup["strategy"].scope():
         compile_for_training(networks.image_model, section, section["finetune_lr"] * setup["replicas"],
-                             len(images), section["finetune_epochs"], setup["jit_compile"])
-    networks.image_model.fit(images, validation_data=image_dataset(val, IMAGE_DIR, size, batch),
+                             len(batches), section["finetune_epochs"], setup["jit_compile"])
+    networks.image_model.fit(batches, validation_data=image_dataset(val, IMAGE_DIR, size, batch),
                              initial_epoch=first_epoch, epochs=first_epoch + section["finetune_epochs"],
-                             callbacks=callbacks, verbose=2)
+                             callbacks=[*callbacks, EpochSync(batches)], shuffle=False, verbose=2)
 
 
 @exits_cleanly
