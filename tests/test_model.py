@@ -117,6 +117,41 @@ def test_fine_tuning_unfreezes_the_tail_in_the_image_model():
     assert not trainable_names(nets.image_model) & set(VGG16_CONVS)
 
 
+def test_fine_tuning_keeps_batch_norm_frozen():
+    """MobileNetV3Small (no weights, 32 px): the tail's convolutions learn, its BatchNorm layers
+    stay frozen and, in a training step too, normalize with their moving statistics."""
+    nets = build_networks(32, backbone="mobilenetv3small", head_units=HEAD)
+    set_trainable_tail(nets.base, 8)
+    norms = [
+        layer for layer in nets.base.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    learning = [layer for layer in nets.base.layers if layer.weights and layer not in norms]
+    assert norms and not any(layer.trainable for layer in norms)
+    assert [layer for layer in nets.base.layers if layer.trainable and layer.weights] == learning[
+        -8:
+    ]
+    assert f"{learning[-1].name}_bn" in [norm.name for norm in norms]  # conv_1, then conv_1_bn
+
+    def states(chosen):
+        return [weight.numpy().copy() for layer in chosen for weight in layer.weights]
+
+    x, y = images(4, size=32), labels(4)
+    np.testing.assert_allclose(
+        np.asarray(nets.base(x, training=True)),
+        np.asarray(nets.base(x, training=False)),
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    norms_before, learning_before = states(norms), states(learning[-8:])
+    compile_for_training(
+        nets.image_model, SECTION, 1e-2, steps_per_epoch=1, epochs=1, jit_compile=False
+    )
+    nets.image_model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    for before, after in zip(norms_before, states(norms)):
+        np.testing.assert_array_equal(before, after)  # moving statistics, scale and offset
+    assert not np.array_equal(learning_before[-1], states(learning[-8:])[-1])  # conv_1 learnt
+
+
 def test_training_the_head_changes_the_image_model_and_it_saves(tmp_path):
     nets = build_networks(SIZE, trainable_layers=3, head_units=HEAD, seed=3)
     x = images(8, seed=4)

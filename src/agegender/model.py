@@ -66,11 +66,18 @@ def cut_index(base, trainable_layers, chain):
 
 
 def set_trainable_tail(base, trainable_layers):
-    """Freeze the backbone except its last `trainable_layers` weighted layers."""
-    weighted = [layer for layer in base.layers if layer.weights]
-    training = {id(layer) for layer in weighted[len(weighted) - trainable_layers:]} if trainable_layers else set()
+    """Freeze the backbone except its last `trainable_layers` weighted layers, BatchNorm layers
+    not counted: they stay frozen, so they keep the statistics of the data the backbone learnt
+    on, and Keras runs a frozen BatchNormalization in inference mode, with those statistics, in
+    training too (small fine-tuning batches would otherwise replace them with their own)."""
+    learning = [
+        layer
+        for layer in base.layers
+        if layer.weights and not isinstance(layer, layers.BatchNormalization)
+    ]
+    tail = learning[len(learning) - trainable_layers :] if trainable_layers else []
     for layer in base.layers:
-        layer.trainable = id(layer) in training
+        layer.trainable = any(layer is learns for learns in tail)
 
 
 def heads(features, head_units, dropout, seed):
