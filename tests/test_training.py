@@ -115,7 +115,7 @@ def test_existing_weights_path_is_returned(tmp_path):
 
 
 def test_imagenet_reads_the_download_manifest(tmp_path, monkeypatch):
-    monkeypatch.setattr(training, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(training, "WEIGHTS", tmp_path)
     (tmp_path / "weights.json").write_text(json.dumps({"file": "vgg16_notop.h5"}))
     with pytest.raises(PipelineError, match="vgg16_notop.h5"):
         base_weights("imagenet")
@@ -125,7 +125,7 @@ def test_imagenet_reads_the_download_manifest(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("manifest", [None, {"weights": "none", "file": None}])
 def test_imagenet_without_downloaded_weights_is_a_pipeline_error(tmp_path, monkeypatch, manifest):
-    monkeypatch.setattr(training, "WEIGHTS_DIR", tmp_path)
+    monkeypatch.setattr(training, "WEIGHTS", tmp_path)
     if manifest is not None:
         (tmp_path / "weights.json").write_text(json.dumps(manifest))
     with pytest.raises(PipelineError, match="download_weights"):

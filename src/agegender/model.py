@@ -5,6 +5,7 @@ computed once and cached; `head_model` trains on those cached features and share
 trainable layer with `image_model`, the complete network that is saved and evaluated.
 Written with `keras.*` only, so it also builds under the JAX backend.
 """
+
 from dataclasses import dataclass
 
 import keras
@@ -22,10 +23,22 @@ class Backbone:
 
 
 BACKBONES = {
-    "vgg16": Backbone(keras.applications.VGG16, keras.applications.vgg16.preprocess_input, chain=True),
-    "resnet50": Backbone(keras.applications.ResNet50, keras.applications.resnet50.preprocess_input, chain=False),
-    "efficientnetb0": Backbone(keras.applications.EfficientNetB0, keras.applications.efficientnet.preprocess_input, chain=False),
-    "mobilenetv3small": Backbone(keras.applications.MobileNetV3Small, keras.applications.mobilenet_v3.preprocess_input, chain=False),
+    "vgg16": Backbone(
+        keras.applications.VGG16, keras.applications.vgg16.preprocess_input, chain=True
+    ),
+    "resnet50": Backbone(
+        keras.applications.ResNet50, keras.applications.resnet50.preprocess_input, chain=False
+    ),
+    "efficientnetb0": Backbone(
+        keras.applications.EfficientNetB0,
+        keras.applications.efficientnet.preprocess_input,
+        chain=False,
+    ),
+    "mobilenetv3small": Backbone(
+        keras.applications.MobileNetV3Small,
+        keras.applications.mobilenet_v3.preprocess_input,
+        chain=False,
+    ),
 }
 
 
@@ -36,15 +49,16 @@ DESCRIPTOR_BACKBONES = {"dlib_resnet": 128}
 
 @dataclass
 class Networks:
-    image_model: keras.Model        # images in [0, 255] RGB -> {"gender", "age"}
-    head_model: keras.Model         # cached features -> {"gender", "age"}
+    image_model: keras.Model  # images in [0, 255] RGB -> {"gender", "age"}
+    head_model: keras.Model  # cached features -> {"gender", "age"}
     feature_extractor: keras.Model  # images -> the output of the frozen part (None: not Keras)
-    base: keras.Model               # the backbone, for fine-tuning (None: not Keras)
-    normalizer: object = None       # adapted to the training features before the heads train
+    base: keras.Model  # the backbone, for fine-tuning (None: not Keras)
+    normalizer: object = None  # adapted to the training features before the heads train
 
 
 def backbone_model(name, input_size, weights_file, use_top):
-    """The backbone up to its first dense layer (`fc1` of VGG16, needs 224 px) or its last conv block."""
+    """The backbone up to its first dense layer (`fc1` of VGG16, needs 224 px) or its last
+    convolution block."""
     base = BACKBONES[name].constructor(
         include_top=use_top,
         weights=str(weights_file) if weights_file else None,
@@ -60,7 +74,9 @@ def cut_index(base, trainable_layers, chain):
     if trainable_layers == 0:
         return len(base.layers)
     if not chain:
-        raise ValueError("only a chain backbone (vgg16) can train some of its layers on cached features")
+        raise ValueError(
+            "only a chain backbone (vgg16) can train some of its layers on cached features"
+        )
     weighted = [index for index, layer in enumerate(base.layers) if layer.weights]
     return weighted[-min(trainable_layers, len(weighted))]
 
@@ -91,10 +107,23 @@ def heads(features, head_units, dropout, seed):
     return outputs
 
 
-def build_networks(input_size, backbone="vgg16", weights_file=None, use_top=False, trainable_layers=0,
-                   pooling="flatten", head_units=(256, 128), dropout=0.3, flip=False, brightness=0.0, seed=0):
+def build_networks(
+    input_size,
+    backbone="vgg16",
+    weights_file=None,
+    use_top=False,
+    trainable_layers=0,
+    pooling="flatten",
+    head_units=(256, 128),
+    dropout=0.3,
+    flip=False,
+    brightness=0.0,
+    seed=0,
+):
     if backbone in DESCRIPTOR_BACKBONES:
-        return descriptor_networks(DESCRIPTOR_BACKBONES[backbone], backbone, head_units, dropout, seed)
+        return descriptor_networks(
+            DESCRIPTOR_BACKBONES[backbone], backbone, head_units, dropout, seed
+        )
     spec = BACKBONES[backbone]
     base = backbone_model(backbone, input_size, weights_file, use_top)
     set_trainable_tail(base, trainable_layers)
@@ -102,22 +131,37 @@ def build_networks(input_size, backbone="vgg16", weights_file=None, use_top=Fals
     frozen = keras.Model(base.input, base.layers[cut - 1].output, name=f"{base.name}_frozen")
 
     tail = list(base.layers[cut:])
-    pool = None if use_top else (layers.Flatten(name="flatten") if pooling == "flatten"
-                                 else layers.GlobalAveragePooling2D(name="avg_pool"))
+    pool = (
+        None
+        if use_top
+        else (
+            layers.Flatten(name="flatten")
+            if pooling == "flatten"
+            else layers.GlobalAveragePooling2D(name="avg_pool")
+        )
+    )
     features = keras.Input(frozen.output.shape[1:], name="features")
     x = features
     for layer in tail:
         x = layer(x)
-    head_model = keras.Model(features, heads(pool(x) if pool else x, head_units, dropout, seed), name="head")
+    head_model = keras.Model(
+        features, heads(pool(x) if pool else x, head_units, dropout, seed), name="head"
+    )
 
     images = keras.Input((input_size, input_size, 3), name="image")
-    feature_extractor = keras.Model(images, frozen(spec.preprocess(images)), name="feature_extractor")
+    feature_extractor = keras.Model(
+        images, frozen(spec.preprocess(images)), name="feature_extractor"
+    )
     x = images
     if flip:
         x = layers.RandomFlip("horizontal", seed=seed, name="augment_flip")(x)
     if brightness:
-        x = layers.RandomBrightness(brightness, value_range=(0, 255), seed=seed, name="augment_brightness")(x)
-    image_model = keras.Model(images, head_model(frozen(spec.preprocess(x))), name=f"agegender_{backbone}")
+        x = layers.RandomBrightness(
+            brightness, value_range=(0, 255), seed=seed, name="augment_brightness"
+        )(x)
+    image_model = keras.Model(
+        images, head_model(frozen(spec.preprocess(x))), name=f"agegender_{backbone}"
+    )
     return Networks(image_model, head_model, feature_extractor, base)
 
 
@@ -131,10 +175,14 @@ def descriptor_networks(size, backbone, head_units, dropout, seed):
     training descriptors)."""
     descriptor = keras.Input((size,), name="descriptor")
     normalizer = layers.Normalization(axis=-1, name="standardize")
-    head_model = keras.Model(descriptor, heads(normalizer(descriptor), head_units, dropout, seed), name="head")
+    head_model = keras.Model(
+        descriptor, heads(normalizer(descriptor), head_units, dropout, seed), name="head"
+    )
     pair = keras.Input((2, size), name="descriptor_and_mirror")
     answers = [head_model(pair[:, index]) for index in (0, 1)]
-    averaged = {task: layers.Average(name=task)([answer[task] for answer in answers]) for task in TASKS}
+    averaged = {
+        task: layers.Average(name=task)([answer[task] for answer in answers]) for task in TASKS
+    }
     image_model = keras.Model(pair, averaged, name=f"agegender_{backbone}")
     return Networks(image_model, head_model, None, None, normalizer)
 

@@ -2,6 +2,7 @@
 pretrained weights file, and how a model is compiled, stopped and resumed after a kill."""
 
 import json
+import shutil
 from pathlib import Path
 
 import keras
@@ -11,10 +12,9 @@ import pandas as pd
 from agegender.errors import PipelineError
 from agegender.features import gender_sample_weights
 from agegender.files import replace_atomically
+from agegender.labels import TASKS
+from agegender.layout import WEIGHTS
 from agegender.losses import HeadLoss
-from agegender.model import TASKS
-
-WEIGHTS_DIR = Path("data/weights")
 
 
 def network_settings(params):
@@ -41,14 +41,14 @@ def base_weights(weights):
     if weights == "none":
         return None
     if weights == "imagenet":
-        manifest_path = WEIGHTS_DIR / "weights.json"
+        manifest_path = WEIGHTS / "weights.json"
         manifest = json.loads(manifest_path.read_text()) if manifest_path.exists() else {}
         if not manifest.get("file"):
             raise PipelineError(
                 f"model.weights is imagenet but {manifest_path} names no weights file; "
                 "run `dvc repro download_weights`."
             )
-        path = WEIGHTS_DIR / manifest["file"]
+        path = WEIGHTS / manifest["file"]
     else:
         path = Path(weights)
     if not path.exists():
@@ -102,6 +102,18 @@ def training_callbacks(section, backup_dir, phase, extra, seed=0):
             )
         )
     return [*callbacks, TrainingState(state_path(backup_dir, phase), callbacks)]
+
+
+def discard_stale_backup(backup_dir, settings):
+    """A killed run resumes only with the settings it was killed with: after a change of
+    params or of the feature cache the backups are deleted and training starts over."""
+    marker = Path(backup_dir) / "settings.json"
+    wanted = json.dumps(settings, sort_keys=True, default=str)
+    if marker.exists() and marker.read_text() != wanted:
+        print(f"train: {backup_dir} holds a killed run of other settings; starting over")
+        shutil.rmtree(backup_dir)
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    replace_atomically(marker, lambda tmp: tmp.write_text(wanted))
 
 
 def state_path(backup_dir, phase):
