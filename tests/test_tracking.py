@@ -163,7 +163,9 @@ def test_a_stage_run_lasts_as_long_as_its_work(mlflow_env):
     with stage_run("features", {}, mlflow_env):
         time.sleep(1.0)
     (child,) = [r for r in runs_of(mlflow_env) if "stage" in r.data.tags]
+    (parent,) = [r for r in runs_of(mlflow_env) if "stage" not in r.data.tags]
     assert child.info.end_time - child.info.start_time >= 1000
+    assert parent.info.end_time >= child.info.end_time  # the parent spans its stages
 
 
 def test_mlflow_failing_mid_training_costs_no_stage(mlflow_env):

@@ -201,15 +201,17 @@ def _start_child_run(mlflow, stage, params, experiment, headline):
 
 
 def _close(mlflow, parent_id, error):
-    """End the stage's run; a failure is written on it and on the execution's parent run."""
+    """End the stage's run; the parent run ends with it, so it spans the execution's stages,
+    and a failure is written on both."""
+    client = mlflow.tracking.MlflowClient()
     if error is None:
         mlflow.end_run(status="FINISHED")
+        client.set_terminated(parent_id, status="FINISHED")
         return
     message = f"{type(error).__name__}: {error}"[:5000]
     mlflow.set_tag("error", message)
     status = "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
     mlflow.end_run(status=status)
-    client = mlflow.tracking.MlflowClient()
     client.set_tag(parent_id, "error", message)
     client.set_terminated(parent_id, status=status)
 
