@@ -1,5 +1,7 @@
 """agegender.model: the backbone cut into a frozen feature extractor and a trainable head."""
 
+import subprocess
+import sys
 import time
 
 import numpy as np
@@ -244,3 +246,33 @@ def test_weights_file_in_keras_legacy_h5_format_is_loaded(tmp_path):
     assert len(nets.base.weights) == len(source.weights)
     for expected, got in zip(source.weights, nets.base.weights):
         np.testing.assert_array_equal(got.numpy(), expected.numpy())
+
+
+SAVE_IN_A_FRESH_PROCESS = """
+import sys
+import keras
+import numpy as np
+from agegender.model import build_networks, save_model
+
+keras.utils.set_random_seed(3)  # as the train stage does
+networks = build_networks(64, backbone="dlib_resnet", head_units=(8, 8), seed=3)
+networks.normalizer.adapt(np.random.default_rng(0).normal(size=(16, 128)).astype("float32"))
+save_model(networks.image_model, sys.argv[1])
+"""
+
+
+def test_a_saved_model_is_the_same_bytes_every_time_and_loads(tmp_path):
+    """dvc.lock records models/model.keras's hash: the same training must give the same file
+    (Keras writes the save time and memory addresses into it)."""
+    for name in ("first.keras", "second.keras"):
+        subprocess.run(
+            [sys.executable, "-c", SAVE_IN_A_FRESH_PROCESS, str(tmp_path / name)],
+            check=True,
+            capture_output=True,
+        )
+    assert (tmp_path / "first.keras").read_bytes() == (tmp_path / "second.keras").read_bytes()
+    model = load_model(tmp_path / "first.keras")
+    pairs = np.random.default_rng(1).normal(size=(3, 2, 128)).astype("float32")
+    outputs = model.predict(pairs, verbose=0)
+    assert outputs["age"].shape == (3, 101)
+    np.testing.assert_allclose(outputs["gender"].sum(axis=1), 1.0, rtol=1e-5)

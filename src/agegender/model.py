@@ -6,7 +6,11 @@ trainable layer with `image_model`, the complete network that is saved and evalu
 Written with `keras.*` only, so it also builds under the JAX backend.
 """
 
+import json
+import os
+import zipfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import keras
 from keras import layers
@@ -185,6 +189,46 @@ def descriptor_networks(size, backbone, head_units, dropout, seed):
     }
     image_model = keras.Model(pair, averaged, name=f"agegender_{backbone}")
     return Networks(image_model, head_model, None, None, normalizer)
+
+
+def save_model(model, path):
+    """`model.save`, then the same bytes for the same model: Keras stamps the save time into
+    the archive (metadata.json's date_saved and the weights entry's date) and names objects
+    shared by several layers by their memory address, and dvc.lock records the file's hash,
+    so a re-run that changed nothing would look like a new model."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.keras")
+    try:
+        model.save(tmp)
+        with zipfile.ZipFile(tmp) as saved:
+            entries = [(info.filename, saved.read(info)) for info in saved.infolist()]
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as pinned:
+            for name, data in entries:
+                if name == "metadata.json":
+                    metadata = json.loads(data)
+                    metadata.pop("date_saved", None)
+                    data = json.dumps(metadata).encode()
+                if name == "config.json":
+                    data = json.dumps(numbered_shared_objects(json.loads(data), {})).encode()
+                pinned.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def numbered_shared_objects(config, numbers):
+    """The config with each `shared_object_id` (a memory address) replaced by 1, 2, ... in
+    order of appearance; equal ids stay equal, which is all Keras reads them for."""
+    if isinstance(config, list):
+        return [numbered_shared_objects(item, numbers) for item in config]
+    if not isinstance(config, dict):
+        return config
+    renumbered = {key: numbered_shared_objects(value, numbers) for key, value in config.items()}
+    if "shared_object_id" in config:
+        renumbered["shared_object_id"] = numbers.setdefault(
+            config["shared_object_id"], len(numbers) + 1
+        )
+    return renumbered
 
 
 def load_model(path):

@@ -5,6 +5,7 @@ from pathlib import Path
 import yaml
 
 from agegender.errors import PipelineError
+from agegender.layout import PARAMS
 
 DATASETS = ("sample", "wiki_crop", "imdb_crop", "wiki", "imdb")
 BACKBONES = ("dlib_resnet", "vgg16", "resnet50", "efficientnetb0", "mobilenetv3small")
@@ -67,7 +68,7 @@ SCHEMA = {
 }
 
 
-def load_params(path="params.yaml"):
+def load_params(path=PARAMS):
     """Read and validate the whole file; every stage calls this before doing any work."""
     path = Path(path)
     try:

@@ -18,7 +18,7 @@ from agegender.features import EpochSync, FeatureBatches, kept_rows, load_featur
 from agegender.files import read_csv, write_csv
 from agegender.labels import one_hot
 from agegender.layout import CROP_IMAGES, FEATURES, HISTORY, MODEL, TRAIN_BACKUP, split_table
-from agegender.model import build_networks, set_trainable_tail
+from agegender.model import build_networks, save_model, set_trainable_tail
 from agegender.stage import stage
 from agegender.training import (
     ImageRows,
@@ -127,7 +127,7 @@ def main(params, run):
     metrics = summary(history, head_epochs, finetuned, len(train))
 
     (root / MODEL).parent.mkdir(parents=True, exist_ok=True)
-    networks.image_model.save(root / MODEL)
+    save_model(networks.image_model, root / MODEL)
     write_csv(root / HISTORY, history)
     shutil.rmtree(backup, ignore_errors=True)
     print(
