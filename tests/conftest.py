@@ -136,9 +136,9 @@ def set_params(repo, changes):
     (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
 
-@pytest.fixture
-def repo(tmp_path):
-    """A fresh git repository holding the project's tracked and new files, as a clone would."""
+def fresh_repository(target):
+    """A new git repository at `target` holding the project's tracked and new files, as a
+    clone would, and the environment to run dvc in it (no MLflow or DVC variables of ours)."""
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"],
         cwd=REPO,
@@ -146,7 +146,6 @@ def repo(tmp_path):
         text=True,
         check=True,
     ).stdout.split()
-    target = tmp_path / "repo"
     for name in listed:
         if (REPO / name).is_file():
             (target / name).parent.mkdir(parents=True, exist_ok=True)
@@ -160,6 +159,11 @@ def repo(tmp_path):
     )
     run(["git", "init", "-q"], target, env)
     return target, env
+
+
+@pytest.fixture
+def repo(tmp_path):
+    return fresh_repository(tmp_path / "repo")
 
 
 def commit(repo, env, message):

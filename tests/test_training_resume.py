@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from conftest import REPO, run, set_params
+from conftest import REPO, fresh_repository, run, set_params
 
 from agegender.training import saved_state
 
@@ -47,20 +47,7 @@ FINETUNE = {
 def sample_features(tmp_path_factory):
     """A copy of the repository with the sample's first LIMIT faces run up to the features stage
     at the default params, as `dvc repro` runs it."""
-    root = tmp_path_factory.mktemp("resume") / "repo"
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout.split()
-    for name in listed:
-        if (REPO / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, root / name)
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    run(["git", "init", "-q"], root, env)
+    root, env = fresh_repository(tmp_path_factory.mktemp("resume") / "repo")
     set_params(root, {"filter": {"limit": LIMIT}})
     run(["dvc", "repro", "features"], root, env)
     return root, env
