@@ -13,6 +13,7 @@ out of the git-tracked metrics files that `dvc metrics diff` compares.
 """
 
 import functools
+from pathlib import Path
 
 import yaml
 
@@ -27,7 +28,7 @@ def listed_params(params, stage, dvc_file=layout.DVC_FILE):
     """The params of `stage` as dvc.yaml lists them, flat (`train.lr`), so MLflow logs
     exactly what DVC tracks for the stage."""
     try:
-        spec = yaml.safe_load(open(dvc_file, encoding="utf8"))["stages"][stage]
+        spec = yaml.safe_load(Path(dvc_file).read_text(encoding="utf8"))["stages"][stage]
     except (OSError, KeyError, TypeError, yaml.YAMLError) as error:
         raise PipelineError(
             f"{dvc_file} has no stage '{stage}' to read its params from ({error}); "

@@ -124,13 +124,15 @@ class StageRun:
 
     def log_headline_metrics(self, metrics):
         """Figures that belong on the execution's parent run, so runs compare at a glance."""
-        if self.parent_id is not None:
+        if self.parent_id is None:
+            return
+
+        def log_all():
+            client = self.mlflow.MlflowClient()
             for key, value in numeric(metrics).items():
-                self._safely(
-                    lambda key=key, value=value: self.mlflow.MlflowClient().log_metric(
-                        self.parent_id, key, value
-                    )
-                )
+                client.log_metric(self.parent_id, key, value)
+
+        self._safely(log_all)
 
     def call(self, function, *args, **kwargs):
         """Any other MLflow work (registering a model): its result, or None if it failed."""
