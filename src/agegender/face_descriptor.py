@@ -176,21 +176,27 @@ def _encode_files(job):
     return _worker_encoder.encode(images)
 
 
-def encode_files(paths, weights_dir, face_margin, flip=False, workers=2, chunk=64):
-    """Descriptors of the face crops in `paths`, in order, over `workers` processes (the
-    network runs on one core each); `flip` mirrors every crop first."""
+def encoded_batches(paths, weights_dir, face_margin, flip=False, workers=2, chunk=64):
+    """Descriptors of the face crops in `paths`, `chunk` crops at a time and in order, over
+    `workers` processes (the network runs on one core each); `flip` mirrors every crop first.
+    A generator, so a caller writing them to disk holds only the chunks in flight."""
     check_model_files(weights_dir)
     paths = [str(path) for path in paths]
     jobs = [(paths[start : start + chunk], flip) for start in range(0, len(paths), chunk)]
-    if not jobs:
-        return np.zeros((0, DESCRIPTOR_SIZE), np.float32)
     if workers <= 1:
         _start_worker(weights_dir, face_margin)
-        return np.concatenate([_encode_files(job) for job in jobs])
+        yield from map(_encode_files, jobs)
+        return
     with ProcessPoolExecutor(
         workers, initializer=_start_worker, initargs=(str(weights_dir), face_margin)
     ) as pool:
-        return np.concatenate(list(pool.map(_encode_files, jobs)))
+        yield from pool.map(_encode_files, jobs)
+
+
+def encode_files(paths, weights_dir, face_margin, flip=False, workers=2, chunk=64):
+    """All descriptors of `encoded_batches` in one (N, 128) float32 array."""
+    batches = list(encoded_batches(paths, weights_dir, face_margin, flip, workers, chunk))
+    return np.concatenate(batches) if batches else np.zeros((0, DESCRIPTOR_SIZE), np.float32)
 
 
 def crop_face_margin(crop_section):

@@ -10,7 +10,7 @@ import pandas as pd
 
 from agegender import plots
 from agegender.data import image_dataset
-from agegender.features import kept_rows, load_features, read_manifest
+from agegender.features import RowBatches, kept_rows, load_features, read_manifest
 from agegender.files import read_csv, replace_atomically, write_csv
 from agegender.inference import open_model, takes_descriptors
 from agegender.labels import GENDERS, expected_age
@@ -99,10 +99,8 @@ def main(params, run):
     model = open_model(MODEL)
     if takes_descriptors(model):  # the features stage cached the test faces' descriptors
         test = kept_rows(test, read_manifest(FEATURES), "test")
-        pairs = np.stack(
-            [load_features(FEATURES, "test"), load_features(FEATURES, "test_flipped")], axis=1
-        )
-        outputs = model.predict(pairs, batch_size=section["batch_size"], verbose=0)
+        pairs = [load_features(FEATURES, "test"), load_features(FEATURES, "test_flipped")]
+        outputs = model.predict(RowBatches(pairs, section["batch_size"]), verbose=0)
     else:
         outputs = model.predict(
             image_dataset(test, CROP_IMAGES, model.input_shape[1], section["batch_size"]), verbose=0

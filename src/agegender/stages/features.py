@@ -17,7 +17,7 @@ import keras
 import numpy as np
 
 from agegender.data import image_dataset
-from agegender.features import save_features, write_manifest
+from agegender.features import keep_rows, write_features, write_manifest
 from agegender.files import read_csv
 from agegender.layout import CROP_IMAGES, FEATURES, WEIGHTS, split_table
 from agegender.model import build_networks
@@ -30,10 +30,13 @@ def read_split(name):
 
 
 def keras_features(params, versions):
-    """Outputs of the frozen part of a Keras backbone; returns the manifest's extra fields."""
+    """Outputs of the frozen part of a Keras backbone, written batch by batch; returns the
+    manifest's extra fields."""
     networks = build_networks(
         **network_settings(params), weights_file=base_weights(params["model"]["weights"])
     )
+    extractor = networks.feature_extractor
+    shape = tuple(extractor.output.shape[1:])
     for name, flip in versions:
         table = read_split(name.removesuffix("_flipped"))
         batches = image_dataset(
@@ -43,34 +46,46 @@ def keras_features(params, versions):
             params["features"]["batch_size"],
             flip=flip,
         )
-        save_features(FEATURES, name, networks.feature_extractor.predict(batches, verbose=0))
+        outputs = (extractor.predict_on_batch(images) for images, _ in batches)
+        write_features(FEATURES, name, outputs, len(table), shape)
     networks.base.save_weights(FEATURES / "base.weights.h5")
-    return {"shape": list(networks.feature_extractor.output.shape[1:]), "skipped": {}}
+    return {"shape": list(shape), "skipped": {}}
+
+
+def noting_missing(batches, missing):
+    """The batches of descriptors as they come, marking in `missing` the rows without one."""
+    start = 0
+    for batch in batches:
+        missing[start : start + len(batch)] |= np.isnan(batch).any(axis=1)
+        start += len(batch)
+        yield batch
 
 
 def descriptor_features(params, versions):
     """dlib descriptors of every split's crops, and of the test crops' mirror images, which the
     saved model reads beside them; a face is left out of its split when it or its mirror image
-    has no landmarks, so the cached versions of a split stay row-aligned."""
-    from agegender.face_descriptor import DESCRIPTOR_SIZE, crop_face_margin, encode_files
+    has no landmarks, so the cached versions of a split stay row-aligned. Each version streams
+    to disk with its NaN rows, then is compacted to the faces kept, in chunks."""
+    from agegender.face_descriptor import DESCRIPTOR_SIZE, crop_face_margin, encoded_batches
 
     margin, workers = crop_face_margin(params["crop"]), os.cpu_count() or 1
     versions = versions + [("test", False), ("test_flipped", True)]
     tables = {split: read_split(split) for split in ("train", "val", "test")}
-    arrays = {}
+    missing = {split: np.zeros(len(table), dtype=bool) for split, table in tables.items()}
     for name, flip in versions:
-        paths = [CROP_IMAGES / path for path in tables[name.removesuffix("_flipped")]["full_path"]]
-        arrays[name] = encode_files(paths, WEIGHTS, margin, flip=flip, workers=workers)
-    skipped = {}
-    for split, table in tables.items():
-        names = [name for name in arrays if name.removesuffix("_flipped") == split]
-        missing = np.logical_or.reduce([np.isnan(arrays[name]).any(axis=1) for name in names])
-        skipped[split] = table["full_path"][missing].tolist()
-        for name in names:
-            save_features(FEATURES, name, arrays[name][~missing], exact=True)
+        split = name.removesuffix("_flipped")
+        paths = [CROP_IMAGES / path for path in tables[split]["full_path"]]
+        batches = encoded_batches(paths, WEIGHTS, margin, flip=flip, workers=workers)
+        batches = noting_missing(batches, missing[split])
+        write_features(FEATURES, f"{name}.all", batches, len(paths), (DESCRIPTOR_SIZE,), exact=True)
+    for name, _ in versions:
+        split = name.removesuffix("_flipped")
+        keep_rows(FEATURES, f"{name}.all", name, ~missing[split])
     return {
         "shape": [DESCRIPTOR_SIZE],
-        "skipped": skipped,
+        "skipped": {
+            split: table["full_path"][missing[split]].tolist() for split, table in tables.items()
+        },
         "face_margin": margin,
         "extra_versions": ["test", "test_flipped"],
     }

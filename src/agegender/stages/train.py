@@ -14,7 +14,14 @@ import keras
 
 from agegender import devices
 from agegender.data import image_dataset
-from agegender.features import EpochSync, FeatureBatches, kept_rows, load_features, read_manifest
+from agegender.features import (
+    EpochSync,
+    FeatureBatches,
+    adapt_in_chunks,
+    kept_rows,
+    load_features,
+    read_manifest,
+)
 from agegender.files import read_csv, write_csv
 from agegender.labels import one_hot
 from agegender.layout import CROP_IMAGES, FEATURES, HISTORY, MODEL, TRAIN_BACKUP, split_table
@@ -33,7 +40,8 @@ from agegender.training import (
 
 
 def train_head(networks, section, seed, train, val, setup, callbacks, first_epoch):
-    """Phase 1: every epoch reads the cached features, never an image."""
+    """Phase 1: every epoch reads the cached features from disk, a batch at a time, never an
+    image."""
     manifest = read_manifest(FEATURES)
     has_flipped = "train_flipped" in manifest["versions"]
     flipped = load_features(FEATURES, "train_flipped") if has_flipped else None
@@ -41,8 +49,9 @@ def train_head(networks, section, seed, train, val, setup, callbacks, first_epoc
     batch = section["batch_size"] * setup["replicas"]
     features = load_features(FEATURES, "train")
     if networks.normalizer is not None:
-        networks.normalizer.adapt(features)
+        adapt_in_chunks(networks.normalizer, features)
     batches = FeatureBatches(features, one_hot(train), weights, batch, seed, flipped, first_epoch)
+    val_batches = FeatureBatches(load_features(FEATURES, "val"), one_hot(val), None, batch)
     lr = section["lr"] * setup["replicas"]
     with setup["strategy"].scope():
         compile_for_training(
@@ -50,7 +59,7 @@ def train_head(networks, section, seed, train, val, setup, callbacks, first_epoc
         )
     networks.head_model.fit(
         batches,
-        validation_data=(load_features(FEATURES, "val"), one_hot(val)),
+        validation_data=val_batches,
         epochs=section["epochs"],
         callbacks=[*callbacks, EpochSync(batches)],
         shuffle=False,
