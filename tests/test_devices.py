@@ -1,6 +1,9 @@
-"""agegender.devices: auto settings, who writes in a cluster, and the CPU set-up."""
+"""agegender.devices: auto settings, who writes, and the CPU set-up under both backends."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 
@@ -8,6 +11,9 @@ tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
 from agegender import devices  # noqa: E402
+from agegender.errors import PipelineError  # noqa: E402
+
+PLAIN_KEYS = ("gpus", "replicas", "mixed_precision", "jit_compile", "chief", "processes", "sharded")
 
 
 @pytest.fixture
@@ -35,53 +41,32 @@ def test_resolve(setting, gpus, expected):
     assert devices.resolve(setting, gpus) is expected
 
 
-@pytest.mark.parametrize(
-    "config, chief",
-    [
-        (None, True),
-        (
-            {
-                "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
-                "task": {"type": "worker", "index": 0},
-            },
-            True,
-        ),
-        (
-            {
-                "cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]},
-                "task": {"type": "worker", "index": 1},
-            },
-            False,
-        ),
-        (
-            {
-                "cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
-                "task": {"type": "worker", "index": 0},
-            },
-            False,
-        ),
-        (
-            {
-                "cluster": {"chief": ["127.0.0.1:1"], "worker": ["127.0.0.1:2"]},
-                "task": {"type": "chief", "index": 0},
-            },
-            True,
-        ),
-    ],
-)
-def test_only_the_chief_writes(monkeypatch, config, chief):
-    if config is None:
-        monkeypatch.delenv("TF_CONFIG", raising=False)
+@pytest.mark.parametrize("process_id, chief", [(None, True), ("0", True), ("1", False)])
+def test_only_process_zero_writes(monkeypatch, process_id, chief):
+    if process_id is None:
+        monkeypatch.delenv(devices.PROCESS_ID, raising=False)
     else:
-        monkeypatch.setenv("TF_CONFIG", json.dumps(config))
+        monkeypatch.setenv(devices.PROCESS_ID, process_id)
     assert devices.is_chief() is chief
 
 
-def test_one_worker_is_not_a_cluster(monkeypatch):
+@pytest.mark.parametrize(
+    "variable, value",
+    [
+        ("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}})),
+        (devices.PROCESSES, "2"),
+    ],
+)
+def test_several_processes_need_jax(monkeypatch, restore_globals, variable, value):
+    """Under TensorFlow, a cluster would otherwise train alone on every machine."""
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(PipelineError, match="KERAS_BACKEND=jax"):
+        devices.configure("auto", "auto", True)
+
+
+def test_one_worker_is_not_a_cluster(monkeypatch, restore_globals):
     monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": {"worker": ["127.0.0.1:2222"]}}))
-    assert devices.cluster_workers() == 1
-    monkeypatch.delenv("TF_CONFIG")
-    assert devices.cluster_workers() == 0
+    assert devices.configure("auto", "auto", True)["processes"] == 1
 
 
 def test_cpu_only_setup(monkeypatch, restore_globals):
@@ -89,11 +74,44 @@ def test_cpu_only_setup(monkeypatch, restore_globals):
         pytest.skip("this machine has a GPU")
     monkeypatch.delenv("TF_CONFIG", raising=False)
     setup = devices.configure("auto", "auto", True)
-    assert {key: setup[key] for key in ("gpus", "replicas", "mixed_precision", "jit_compile")} == {
+    assert {key: setup[key] for key in PLAIN_KEYS} == {
         "gpus": 0,
         "replicas": 1,
         "mixed_precision": False,
         "jit_compile": False,
+        "chief": True,
+        "processes": 1,
+        "sharded": False,
     }
     assert keras.mixed_precision.global_policy().name == "float32"
     assert setup["strategy"].num_replicas_in_sync == 1
+
+
+def test_cpu_setup_under_jax():
+    """The same set-up under KERAS_BACKEND=jax, in a process of its own (the backend is chosen
+    at import): XLA on (JAX's way to run a step), and TensorFlow not even imported."""
+    pytest.importorskip("jax")
+    script = (
+        "import json; from agegender import devices; "
+        "setup = devices.configure('auto', 'auto', True); "
+        f"print(json.dumps({{key: setup[key] for key in {PLAIN_KEYS!r}}})); "
+        "import sys; print('tensorflow' in sys.modules)"
+    )
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    for variable in ("TF_CONFIG", devices.PROCESSES, devices.PROCESS_ID, "XLA_FLAGS"):
+        env.pop(variable, None)
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 0, result.stderr
+    *_, printed, tensorflow_imported = result.stdout.splitlines()
+    assert tensorflow_imported == "False"
+    assert json.loads(printed) == {
+        "gpus": 0,
+        "replicas": 1,
+        "mixed_precision": False,
+        "jit_compile": True,
+        "chief": True,
+        "processes": 1,
+        "sharded": False,
+    }

@@ -11,9 +11,12 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
+import numpy as np
 
 from agegender import devices
 from agegender.data import image_dataset
+from agegender.data_parallel import local_batches, validation_copies
+from agegender.errors import PipelineError
 from agegender.features import (
     EpochSync,
     FeatureBatches,
@@ -58,8 +61,8 @@ def train_head(networks, section, seed, train, val, setup, callbacks, first_epoc
             networks.head_model, section, lr, len(batches), section["epochs"], setup["jit_compile"]
         )
     networks.head_model.fit(
-        batches,
-        validation_data=val_batches,
+        local_batches(batches, setup),
+        validation_data=validation_copies(val_batches, setup),
         epochs=section["epochs"],
         callbacks=[*callbacks, EpochSync(batches)],
         shuffle=False,
@@ -81,8 +84,8 @@ def finetune(networks, section, seed, train, val, setup, callbacks, first_epoch)
             networks.image_model, section, lr, len(batches), epochs, setup["jit_compile"]
         )
     networks.image_model.fit(
-        batches,
-        validation_data=image_dataset(val, CROP_IMAGES, size, batch),
+        local_batches(batches, setup),
+        validation_data=validation_copies(image_dataset(val, CROP_IMAGES, size, batch), setup),
         initial_epoch=first_epoch,
         epochs=first_epoch + epochs,
         callbacks=[*callbacks, EpochSync(batches)],
@@ -104,6 +107,27 @@ def summary(history, head_epochs, finetuned, train_images):
     }
 
 
+def refuse_diverged(history, replicas, backup):
+    """A loss that turned NaN or infinite leaves a model of NaN weights: stop with the epoch and
+    what to check instead of writing it, and drop the backup, whose state is NaN too, so that a
+    re-run starts over. Several GPUs under MirroredStrategy have such reports that one GPU does
+    not (tensorflow/tensorflow#87432, #62915)."""
+    finite = np.isfinite(history[["loss", "val_loss"]].to_numpy(dtype=float)).all(axis=1)
+    if finite.all():
+        return
+    shutil.rmtree(backup, ignore_errors=True)
+    hint = (
+        f" on {replicas} replicas: compare with one GPU (CUDA_VISIBLE_DEVICES=0) or the JAX "
+        "backend (KERAS_BACKEND=jax), as MirroredStrategy has NaN reports "
+        "(tensorflow/tensorflow#87432, #62915); if one device diverges too, lower train.lr"
+        if replicas > 1
+        else "; lower train.lr"
+    )
+    raise PipelineError(
+        f"training diverged: the loss is not finite from epoch {np.argmin(finite) + 1}{hint}."
+    )
+
+
 @stage("train", tracked=devices.is_chief)
 def main(params, run):
     section, seed = params["train"], params["seed"]
@@ -119,8 +143,11 @@ def main(params, run):
             networks.base.load_weights(FEATURES / "base.weights.h5")
     root = Path(".") if setup["chief"] else Path(tempfile.mkdtemp(prefix="agegender-worker-"))
     backup = root / TRAIN_BACKUP
+    if setup["processes"] > 1:
+        # the other processes keep no backup to resume from, so process 0 must not either
+        shutil.rmtree(backup, ignore_errors=True)
     settings = {"train": section, "model": params["model"], "seed": seed, "features": manifest}
-    discard_stale_backup(backup, settings)
+    discard_stale_backup(backup, {**settings, "replicas": setup["replicas"]})
     run.log_metrics({"gpus": setup["gpus"], "replicas": setup["replicas"]})
 
     started = time.perf_counter()
@@ -133,12 +160,13 @@ def main(params, run):
         callbacks = training_callbacks(section, backup, "finetune", [run.keras_callback()], seed)
         finetune(networks, section, seed, train, val, setup, callbacks, head_epochs)
     history = phase_history(backup, ["head", "finetune"] if finetuned else ["head"])
+    refuse_diverged(history, setup["replicas"], backup)
     metrics = summary(history, head_epochs, finetuned, len(train))
 
     (root / MODEL).parent.mkdir(parents=True, exist_ok=True)
     save_model(networks.image_model, root / MODEL)
     write_csv(root / HISTORY, history)
-    shutil.rmtree(backup, ignore_errors=True)
+    shutil.rmtree(backup if setup["chief"] else root, ignore_errors=True)
     print(
         f"train: best epoch {metrics['best_epoch']} of {metrics['epochs_run']}, val gender "
         f"accuracy {metrics['val_gender_accuracy']:.4f}, val age accuracy "
