@@ -30,7 +30,9 @@ sqlite file in the scratch repository (created, a few seconds, by the first stag
               sampled every 0.1 s; shared pages count once per process, so it overstates;
   max MiB   : os.wait4's ru_maxrss, the largest single process of the tree;
   disk MB   : after the stage, allocated blocks (10^6 bytes) of the archive, data/raw (the
-              extracted tree), .dvc/cache, data/crops, data/features (a hard link once).
+              extracted tree), .dvc/cache, data/crops, data/features, and total: all five
+              with a file counted once, however many of them link to it (DVC may link its
+              cache into the workspace; then raw and cache each show the same files).
 The scratch directory is removed unless --keep (or a stage failed). From the repository
 root with the venv active:
 
@@ -257,21 +259,27 @@ def watched(args, cwd, env, log):
     return process.returncode, time.perf_counter() - started, peak, usage
 
 
-def disk_used(path):
-    """Allocated bytes of a file or tree; a file linked twice inside it counts once."""
+def allocated(path):
+    """{(device, inode): allocated bytes} of a file or of every file in a tree."""
     path = Path(path)
-    if not path.exists():
-        return 0
     if path.is_file():
-        return path.stat().st_blocks * 512
-    seen, total = set(), 0
+        info = path.stat()
+        return {(info.st_dev, info.st_ino): info.st_blocks * 512}
+    blocks = {}
     for folder, _, files in os.walk(path):
         for name in files:
             info = os.lstat(os.path.join(folder, name))
-            if (info.st_dev, info.st_ino) not in seen:
-                seen.add((info.st_dev, info.st_ino))
-                total += info.st_blocks * 512
-    return total
+            blocks[(info.st_dev, info.st_ino)] = info.st_blocks * 512
+    return blocks
+
+
+def disk_used(repo, archive):
+    """Bytes on disk per tree of DISK, and of all of them together, where a file that DVC
+    links into both the workspace and its cache counts once."""
+    trees = {key: allocated(archive if path is None else repo / path) for key, path in DISK.items()}
+    used = {key: sum(blocks.values()) for key, blocks in trees.items()}
+    used["total"] = sum({k: v for blocks in trees.values() for k, v in blocks.items()}.values())
+    return used
 
 
 def metric(repo, name, *keys):
@@ -306,7 +314,7 @@ def images_of(stage, repo):
 
 def stage_row(stage, repo, archive, code, seconds, peak, usage):
     images = images_of(stage, repo) if code == 0 else None
-    disk = {key: disk_used(archive if path is None else repo / path) for key, path in DISK.items()}
+    disk = disk_used(repo, archive)
     return {
         "stage": stage,
         "rc": code,
@@ -359,7 +367,7 @@ COLUMNS = (
     ("images_per_second", "images/s"),
     ("tree_rss_mib", "tree MiB"),
     ("max_rss_mib", "max MiB"),
-    *((f"disk_{key}_mb", f"{key} MB") for key in DISK),
+    *((f"disk_{key}_mb", f"{key} MB") for key in [*DISK, "total"]),
 )
 
 
