@@ -42,9 +42,10 @@ def validation_copies(data, setup):
 
 class ProcessShare(keras.utils.PyDataset):
     """This process's share of every batch of a FeatureBatches: rows [p * n / P, (p + 1) * n / P)
-    of a batch of n rows. A batch whose size is not a multiple of the devices (the last of an
-    epoch) first loses its last n % devices rows, at most devices - 1 rows an epoch and not the
-    same ones each epoch, as the order changes; a last batch smaller than that is left out."""
+    of a batch of n rows, the only ones it reads from disk or decodes. A batch whose size is not
+    a multiple of the devices (the last of an epoch) first loses its last n % devices rows, at
+    most devices - 1 rows an epoch and not the same ones each epoch, as the order changes; a
+    last batch smaller than that is left out."""
 
     def __init__(self, batches, process, processes, devices):
         super().__init__()
@@ -66,11 +67,9 @@ class ProcessShare(keras.utils.PyDataset):
         self.batches.on_epoch_end()
 
     def __getitem__(self, index):
-        batch = self.batches[index]
-        rows = len(keras.tree.flatten(batch)[0])
-        share = rows // self.devices * self.devices // self.processes
-        start = self.process * share
-        return keras.tree.map_structure(lambda part: part[start : start + share], batch)
+        rows = self.batches.rows_of(index)
+        share = len(rows) // self.devices * self.devices // self.processes
+        return self.batches.read(rows[self.process * share : (self.process + 1) * share])
 
 
 class BatchCopies(keras.utils.PyDataset):

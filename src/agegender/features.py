@@ -301,7 +301,14 @@ class FeatureBatches(keras.utils.PyDataset):
         self.set_epoch(self.epoch + 1)
 
     def __getitem__(self, index):
-        rows = self.order[index * self.batch_size : (index + 1) * self.batch_size]
+        return self.read(self.rows_of(index))
+
+    def rows_of(self, index):
+        """The rows of batch `index` in this epoch's order."""
+        return self.order[index * self.batch_size : (index + 1) * self.batch_size]
+
+    def read(self, rows):
+        """Features, labels and weights of `rows` (a process reads only its share of a batch)."""
         x = np.asarray(self.features[rows], dtype=np.float32)
         if self.use_flipped is not None:
             mirrored = self.use_flipped[rows].reshape((-1,) + (1,) * (x.ndim - 1))
