@@ -306,3 +306,24 @@ class ReseedEachEpoch(keras.callbacks.Callback):
         for index, generator in enumerate(seed_generators(self.model)):
             state = np.random.default_rng([self.seed, epoch, index]).integers(0, 2**31, size=2)
             generator.state.assign(np.asarray(state, dtype=generator.state.dtype))
+
+
+def refuse_diverged(history, replicas, backup):
+    """A loss that turned NaN or infinite leaves a model of NaN weights: stop with the epoch and
+    what to check instead of writing it, and drop the backup, whose state is NaN too, so that a
+    re-run starts over. Several GPUs under MirroredStrategy have such reports that one GPU does
+    not (tensorflow/tensorflow#87432, #62915)."""
+    finite = np.isfinite(history[["loss", "val_loss"]].to_numpy(dtype=float)).all(axis=1)
+    if finite.all():
+        return
+    shutil.rmtree(backup, ignore_errors=True)
+    hint = (
+        f" on {replicas} replicas: compare with one GPU (CUDA_VISIBLE_DEVICES=0) or the JAX "
+        "backend (KERAS_BACKEND=jax), as MirroredStrategy has NaN reports "
+        "(tensorflow/tensorflow#87432, #62915); if one device diverges too, lower train.lr"
+        if replicas > 1
+        else "; lower train.lr"
+    )
+    raise PipelineError(
+        f"training diverged: the loss is not finite from epoch {np.argmin(finite) + 1}{hint}."
+    )

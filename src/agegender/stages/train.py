@@ -11,12 +11,10 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
-import numpy as np
 
 from agegender import devices
 from agegender.data import image_dataset
 from agegender.data_parallel import local_batches, validation_copies
-from agegender.errors import PipelineError
 from agegender.features import (
     EpochSync,
     FeatureBatches,
@@ -36,6 +34,7 @@ from agegender.training import (
     discard_stale_backup,
     network_settings,
     phase_history,
+    refuse_diverged,
     resume_point,
     sample_weights,
     training_callbacks,
@@ -105,27 +104,6 @@ def summary(history, head_epochs, finetuned, train_images):
         "epochs_run": len(history),
         "train_images": train_images,
     }
-
-
-def refuse_diverged(history, replicas, backup):
-    """A loss that turned NaN or infinite leaves a model of NaN weights: stop with the epoch and
-    what to check instead of writing it, and drop the backup, whose state is NaN too, so that a
-    re-run starts over. Several GPUs under MirroredStrategy have such reports that one GPU does
-    not (tensorflow/tensorflow#87432, #62915)."""
-    finite = np.isfinite(history[["loss", "val_loss"]].to_numpy(dtype=float)).all(axis=1)
-    if finite.all():
-        return
-    shutil.rmtree(backup, ignore_errors=True)
-    hint = (
-        f" on {replicas} replicas: compare with one GPU (CUDA_VISIBLE_DEVICES=0) or the JAX "
-        "backend (KERAS_BACKEND=jax), as MirroredStrategy has NaN reports "
-        "(tensorflow/tensorflow#87432, #62915); if one device diverges too, lower train.lr"
-        if replicas > 1
-        else "; lower train.lr"
-    )
-    raise PipelineError(
-        f"training diverged: the loss is not finite from epoch {np.argmin(finite) + 1}{hint}."
-    )
 
 
 @stage("train", tracked=devices.is_chief)
