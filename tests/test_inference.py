@@ -12,8 +12,9 @@ from agegender.face_descriptor import FaceEncoder
 from agegender.inference import (
     GENDERS,
     Predictor,
+    as_photo,
+    crop_box,
     open_model,
-    predict_faces,
     readable,
     takes_descriptors,
 )
@@ -21,6 +22,10 @@ from agegender.model import build_networks
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 BINS = [0, 10, 20, 30, 40, 50, 60]
+PARAMS = {
+    "crop": {"method": "metadata", "margin": 0.4, "source_margin": 0.4, "size": 64},
+    "evaluate": {"age_bins": BINS},
+}
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +55,13 @@ def test_the_saved_descriptor_model_averages_a_face_and_its_mirror(descriptor_mo
         np.testing.assert_allclose(both[task], (one[task] + mirror[task]) / 2, atol=1e-6)
 
 
-def test_descriptor_model_without_its_dlib_files_says_where_they_go(descriptor_model, tmp_path):
+def test_descriptor_model_without_its_dlib_files_says_where_they_go(
+    descriptor_model, tmp_path, crops
+):
     with pytest.raises(PipelineError, match="needs the dlib model files"):
-        Predictor(open_model(descriptor_model))
+        Predictor(open_model(descriptor_model)).crops(crops)
     with pytest.raises(PipelineError, match="missing.*download_weights"):
-        Predictor.load(descriptor_model, tmp_path)
+        Predictor.load(descriptor_model, PARAMS, tmp_path)
 
 
 def test_missing_or_broken_model_file(tmp_path):
@@ -66,9 +73,9 @@ def test_missing_or_broken_model_file(tmp_path):
 
 
 def test_real_faces_through_the_descriptor_model(descriptor_model, face_models, crops):
-    predictor = Predictor.load(descriptor_model, face_models, face_margin=0.4)
+    predictor = Predictor.load(descriptor_model, PARAMS, face_models, batch_size=2)
     blank = Image.new("RGB", (64, 64), (128, 128, 128))
-    outputs = predictor.outputs([*crops, blank], batch_size=2)
+    outputs = predictor.outputs([*crops, blank])
     assert outputs["gender"].shape == (6, 2) and outputs["age"].shape == (6, 101)
     assert np.isfinite(outputs["age"][:5]).all() and np.isnan(outputs["age"][5]).all()
     np.testing.assert_allclose(outputs["age"][:5].sum(axis=1), 1, atol=1e-5)
@@ -76,15 +83,15 @@ def test_real_faces_through_the_descriptor_model(descriptor_model, face_models, 
     pairs = FaceEncoder(face_models, 0.4).encode_with_mirror(crops)
     direct = predictor.model.predict(pairs, verbose=0)
     np.testing.assert_allclose(outputs["age"][:5], direct["age"], atol=1e-6)
-    results = predict_faces(predictor, [*crops, blank], BINS)
+    results = predictor.crops([*crops, blank])
     assert results[5] is None and all(result["gender"] in GENDERS for result in results[:5])
 
 
 def test_image_model_resizes_crops(crops):
     model = build_networks(32, head_units=(8,), trainable_layers=0).image_model
-    predictor = Predictor(model, encoder="ignored for an image model")
+    predictor = Predictor(model, encoder="ignored for an image model", batch_size=4)
     assert predictor.encoder is None
-    outputs = predictor.outputs(crops, batch_size=4)
+    outputs = predictor.outputs(crops)
     assert outputs["gender"].shape == (5, 2) and np.isfinite(outputs["gender"]).all()
     assert predictor.outputs([])["age"].shape == (0, 101)
 
@@ -100,6 +107,48 @@ def test_readable_fields():
         "gender_prob": 0.8,
         "age": 35.0,
         "age_bin": "30-39",
-        "age_bin_prob": 1.0,
+        "most_likely_age_bin": "30-39",
+        "most_likely_age_bin_prob": 1.0,
     }
     assert second is None
+
+
+def test_the_age_bin_is_the_expected_ages_and_the_likeliest_bin_is_named_apart():
+    """Half the mass at 25, the rest spread over 40-69: the expected age, 39.75, lies in 30-39,
+    a bin with no mass at all, while the likeliest bin is 20-29 (0.5 against 1/6 for 40-49)."""
+    age = np.zeros((1, 101))
+    age[0, 25] = 0.5
+    age[0, 40:70] = 0.5 / 30
+    (answer,) = readable({"gender": np.array([[0.9, 0.1]]), "age": age}, BINS)
+    assert answer["gender"] == "female" and answer["gender_prob"] == 0.9
+    assert answer["age"] == pytest.approx(39.75, abs=1e-5)
+    assert answer["age_bin"] == "30-39"
+    assert answer["most_likely_age_bin"] == "20-29"
+    assert answer["most_likely_age_bin_prob"] == pytest.approx(0.5, abs=1e-6)
+
+
+def test_photos_come_as_images_arrays_or_paths(tmp_path):
+    pixels = np.zeros((20, 30, 3), np.uint8)
+    pixels[:, :, 0] = 200
+    Image.fromarray(pixels).save(tmp_path / "red.png")
+    for photo in (Image.fromarray(pixels), pixels, tmp_path / "red.png", str(tmp_path / "red.png")):
+        image = as_photo(photo)
+        assert image.mode == "RGB" and image.size == (30, 20)
+        assert np.array_equal(np.asarray(image), pixels)
+    with pytest.raises(ValueError, match="height, width, 3"):
+        as_photo(np.zeros((20, 30)))
+
+
+def test_crops_are_reframed_to_the_training_crops(crops):
+    """A crop that carries more margin than the training crops is cut down to their framing:
+    a 0.8 margin crop answered with margin=0.8 gives what its inner 0.4 crop gives."""
+    model = build_networks(32, head_units=(8,), trainable_layers=0).image_model
+    predictor = Predictor(model, face_margin=0.4, size=32, age_bins=BINS)
+    wide = Image.new("RGB", (130, 130))
+    wide.paste(crops[0].resize((100, 100)), (15, 15))  # face box 100/1.8 = 55.6 px, now 0.67
+    margin = (130 / (100 / 1.8) - 1) / 2
+    reframed = predictor.framed(wide, margin)
+    assert reframed.size == (32, 32)
+    direct = predictor.framed(crops[0].resize((100, 100)), 0.4)
+    assert np.abs(np.asarray(reframed, float) - np.asarray(direct, float)).mean() < 4
+    assert crop_box(wide, margin) == (37, 37, 93, 93)

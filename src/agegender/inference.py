@@ -1,9 +1,15 @@
-"""The one inference path: face crops -> the trained model's outputs -> the fields users read.
+"""The one inference path: photos or face crops -> the trained model's outputs -> the fields
+users read. predict, the web page, the MLflow pyfunc model, evaluate_external and evaluate all
+go through here.
+
+    from agegender.inference import Predictor
+    predictor = Predictor.load("models/model.keras", params="params.yaml")
+    predictor.faces("photo.jpg")            # every face found by MTCNN, with its box
+    predictor.crops(["face1.jpg", face2])   # faces already cut: no detector runs
 
 A model trained on a Keras backbone (VGG16, ...) takes the crop's pixels; a model trained on
 dlib's face-recognition network (`dlib_resnet`) takes the crop's 128-D descriptor, which
 `FaceEncoder` computes from the crop exactly as the features stage did for training.
-predict, serving, evaluate and export all go through here.
 """
 
 from dataclasses import dataclass
@@ -12,16 +18,36 @@ from pathlib import Path
 import numpy as np
 
 from agegender.errors import PipelineError
-from agegender.images import as_array, crop_face, grow_box, resize_whole
+from agegender.face_descriptor import crop_face_margin
+from agegender.images import (
+    as_array,
+    crop_face,
+    face_box_in_crop,
+    grow_box,
+    load_rgb,
+    reframe_crop,
+    resize_whole,
+)
 from agegender.labels import AGES, GENDERS, expected_age
-from agegender.layout import WEIGHTS
-from agegender.metrics import bin_labels, bin_probabilities
+from agegender.layout import MODEL, PARAMS, WEIGHTS
+from agegender.metrics import age_bin, bin_labels, bin_probabilities
+
+# What predict and the API answer per face, after the face's file, index, box and confidence.
+ANSWER_FIELDS = [
+    "gender",
+    "gender_prob",
+    "age",
+    "age_bin",
+    "most_likely_age_bin",
+    "most_likely_age_bin_prob",
+]
+PROBABILITY_DECIMALS, AGE_DECIMALS = 6, 5
 
 
 @dataclass
 class Face:
-    box: tuple  # x1, y1, x2, y2 of the detected face, integer pixels inside the photo
-    confidence: float  # MTCNN's confidence
+    box: tuple  # x1, y1, x2, y2 of the face, integer pixels inside the photo
+    confidence: float  # MTCNN's confidence, rounded to 4 decimals
     # PIL image, the face grown by the margin, size x size, as the crop stage writes it
     crop: object
 
@@ -33,7 +59,7 @@ def find_faces(image, margin, size, min_face_size=20):
     faces = []
     for box, confidence in detect_faces(image, min_face_size=min_face_size):
         crop = crop_face(image, grow_box(box, margin), size)
-        faces.append(Face(clip_box(box, *image.size), confidence, crop))
+        faces.append(Face(clip_box(box, *image.size), round(confidence, 4), crop))
     return faces
 
 
@@ -45,6 +71,20 @@ def clip_box(box, width, height):
         int(round(min(max(x2, 0), width))),
         int(round(min(max(y2, 0), height))),
     )
+
+
+def as_photo(photo):
+    """An RGB PIL image from a PIL image, an (H, W, 3) uint8 RGB array or a path; a file that
+    can't be used raises ImageSkip (reason missing, unreadable, too_large)."""
+    from PIL import Image
+
+    if isinstance(photo, Image.Image):
+        return photo if photo.mode == "RGB" else photo.convert("RGB")
+    if isinstance(photo, np.ndarray):
+        if photo.ndim != 3 or photo.shape[2] != 3:
+            raise ValueError(f"an image array must be (height, width, 3) RGB, got {photo.shape}")
+        return Image.fromarray(np.asarray(photo, dtype=np.uint8), "RGB")
+    return load_rgb(photo)
 
 
 def takes_descriptors(model):
@@ -70,38 +110,106 @@ def open_model(path, hint="run `dvc repro train`"):
         ) from None
 
 
-class Predictor:
-    """A trained model ready to answer for face crops (PIL images), with its encoder when the
-    model reads dlib descriptors."""
+def settings_of(params):
+    """What inference needs of params.yaml (a path or the loaded dict): how the training crops
+    were framed and the age bins answers are reported in."""
+    if not isinstance(params, dict):
+        from agegender.params import load_params
 
-    def __init__(self, model, encoder=None):
-        if takes_descriptors(model) and encoder is None:
-            raise PipelineError(
-                "this model reads dlib face descriptors (model.backbone: dlib_resnet) "
-                "and needs the dlib model files; give their folder (default data/weights)."
-            )
-        self.model, self.encoder = model, encoder if takes_descriptors(model) else None
+        params = load_params(params)
+    return {
+        "face_margin": crop_face_margin(params["crop"]),
+        "size": params["crop"]["size"],
+        "age_bins": list(params["evaluate"]["age_bins"]),
+    }
+
+
+class Predictor:
+    """A trained model loaded once, answering for photos (faces found by MTCNN) or for face
+    crops, in batches; with the dlib encoder when the model reads dlib descriptors.
+
+    `face_margin` and `size` say how the training crops were framed (the face box plus
+    `face_margin` of its size on each side, `size` pixels square); every face is framed so
+    before the model sees it. `age_bins` are the lower edges of the reported age bins."""
+
+    def __init__(
+        self,
+        model,
+        encoder=None,
+        face_margin=0.4,
+        size=64,
+        age_bins=(0, 10, 20, 30, 40, 50, 60),
+        batch_size=32,
+    ):
+        self.model = model
+        self.encoder = encoder if takes_descriptors(model) else None
+        self.face_margin, self.size = float(face_margin), int(size)
+        self.age_bins, self.batch_size = [int(edge) for edge in age_bins], int(batch_size)
 
     @classmethod
     def load(
         cls,
-        model_path,
+        model_path=MODEL,
+        params=PARAMS,
         weights_dir=WEIGHTS,
-        face_margin=0.4,
-        hint="run `dvc repro train`",
+        batch_size=32,
         workers=1,
+        hint="run `dvc repro train`",
     ):
+        """The model at `model_path`, framed and binned as `params` (params.yaml or its dict)
+        says; a dlib_resnet model also loads dlib's files from `weights_dir`."""
+        settings = settings_of(params)
         model = open_model(model_path, hint)
         encoder = None
         if takes_descriptors(model):
             from agegender.face_descriptor import FaceEncoder
 
-            encoder = FaceEncoder(weights_dir, face_margin, workers=workers)
-        return cls(model, encoder)
+            encoder = FaceEncoder(weights_dir, settings["face_margin"], workers=workers)
+        return cls(model, encoder, batch_size=batch_size, **settings)
+
+    def faces(self, photo, min_face_size=20):
+        """The faces MTCNN finds in a photo (PIL image, RGB array or path), most confident first:
+        one dict each with `face`, `box`, `confidence` and the answer fields; a face whose
+        answer can't be had (no dlib landmarks) is left out."""
+        return [answer for answer in self.face_answers(self.detect(photo, min_face_size)) if answer]
+
+    def detect(self, photo, min_face_size=20):
+        """The faces MTCNN finds (`Face`: box, confidence, crop framed as the training crops)."""
+        return find_faces(as_photo(photo), self.face_margin, self.size, min_face_size)
+
+    def face_answers(self, found):
+        """An answer dict per detected face, or None where it had no dlib landmarks."""
+        answers = self.answers([face.crop for face in found])
+        return [
+            answer
+            and {"face": index, "box": list(face.box), "confidence": face.confidence, **answer}
+            for index, (face, answer) in enumerate(zip(found, answers))
+        ]
+
+    def crops(self, images, margin=None):
+        """Answers for faces already cut (PIL images, arrays or paths), one dict or None (no
+        dlib landmarks) per image, in order. `margin`: the share of the face box each crop
+        carries on each side (the dataset's *_crop images: 0.4); None: framed as the training
+        crops. No detector runs."""
+        return self.answers([self.framed(as_photo(image), margin) for image in images])
+
+    def framed(self, crop, margin=None):
+        """A face crop re-cut to the training crops' framing and size."""
+        margin = self.face_margin if margin is None else margin
+        return reframe_crop(crop, margin, self.face_margin, self.size)
+
+    def answers(self, crops):
+        """Answers for crops already framed as the training crops, `batch_size` per call."""
+        return readable(self.outputs(crops), self.age_bins)
 
     def inputs(self, crops):
         """What the network reads: descriptors (NaN rows where landmarks failed) or pixels."""
-        if self.encoder is not None:
+        if takes_descriptors(self.model):
+            if self.encoder is None:
+                raise PipelineError(
+                    "this model reads dlib face descriptors (model.backbone: dlib_resnet) "
+                    "and needs the dlib model files; give their folder (default data/weights)."
+                )
             return self.encoder.encode_with_mirror(crops)
         size = self.model.input_shape[1]
         pixels = [
@@ -110,49 +218,75 @@ class Predictor:
         ]
         return np.stack(pixels).astype(np.float32)
 
-    def outputs_of_inputs(self, inputs, batch_size=32):
+    def outputs_of_inputs(self, inputs):
         """{"gender": (N, 2), "age": (N, 101)} float64; rows of NaN inputs stay NaN."""
         count = len(inputs)
         result = {"gender": np.full((count, 2), np.nan), "age": np.full((count, len(AGES)), np.nan)}
         usable = ~np.isnan(inputs.reshape(count, -1)).any(axis=1) if count else np.zeros(0, bool)
         rows = np.flatnonzero(usable)
-        for start in range(0, len(rows), batch_size):
-            chunk = rows[start : start + batch_size]
+        for start in range(0, len(rows), self.batch_size):
+            chunk = rows[start : start + self.batch_size]
             outputs = self.model.predict_on_batch(inputs[chunk])
             for task in result:
                 result[task][chunk] = np.asarray(outputs[task], dtype=np.float64)
         return result
 
-    def outputs(self, crops, batch_size=32):
+    def outputs_of_batches(self, batches):
+        """The outputs for a stream of input batches (a keras PyDataset or tf.data of the
+        cached features or crops), as evaluate reads the test split."""
+        outputs = self.model.predict(batches, verbose=0)
+        return {task: np.asarray(values, dtype=np.float64) for task, values in outputs.items()}
+
+    def outputs(self, crops):
         if not crops:
             return {"gender": np.zeros((0, 2)), "age": np.zeros((0, len(AGES)))}
-        return self.outputs_of_inputs(self.inputs(crops), batch_size)
+        return self.outputs_of_inputs(self.inputs(crops))
+
+
+def answer_columns(outputs, bins):
+    """The answer fields as columns, one row per face: the gender and its probability; `age`,
+    the expected age (DEX), with `age_bin`, the bin that age falls in; and the bin holding the
+    most probability, which need not be the expected age's, with that probability."""
+    labels = np.array(bin_labels(bins))
+    with np.errstate(invalid="ignore"):
+        bin_probs = bin_probabilities(outputs["age"], bins)
+        age = expected_age(outputs["age"])
+    gender = outputs["gender"]
+    usable = ~np.isnan(gender).any(axis=1) & ~np.isnan(age)
+    male, best_bin = gender.argmax(axis=1), bin_probs.argmax(axis=1)
+    rows = np.arange(len(gender))
+    return {
+        "usable": usable,
+        "gender": np.array(GENDERS)[male],
+        "gender_prob": gender[rows, male],
+        "age": age,
+        "age_bin": labels[age_bin(np.nan_to_num(age), bins)],
+        "most_likely_age_bin": labels[best_bin],
+        "most_likely_age_bin_prob": bin_probs[rows, best_bin],
+    }
 
 
 def readable(outputs, bins):
-    """One dict per face: gender, gender_prob, age (DEX expected value), age_bin and
-    age_bin_prob (the most likely bin); None where the face had no landmarks."""
-    labels = bin_labels(bins)
-    with np.errstate(invalid="ignore"):
-        bin_probs = bin_probabilities(outputs["age"], bins)
-    results = []
-    for g, a, probs in zip(outputs["gender"], outputs["age"], bin_probs):
-        if np.isnan(g).any():
-            results.append(None)
-            continue
-        male, best_bin = int(g.argmax()), int(probs.argmax())
-        results.append(
-            {
-                "gender": GENDERS[male],
-                "gender_prob": round(float(g[male]), 4),
-                "age": round(float(expected_age(a)), 1),
-                "age_bin": labels[best_bin],
-                "age_bin_prob": round(float(probs[best_bin]), 4),
-            }
-        )
-    return results
+    """One dict of ANSWER_FIELDS per face (see `answer_columns`), None where the face had no
+    landmarks."""
+    columns = answer_columns(outputs, bins)
+    return [
+        {
+            "gender": str(columns["gender"][row]),
+            "gender_prob": round(float(columns["gender_prob"][row]), PROBABILITY_DECIMALS),
+            "age": round(float(columns["age"][row]), AGE_DECIMALS),
+            "age_bin": str(columns["age_bin"][row]),
+            "most_likely_age_bin": str(columns["most_likely_age_bin"][row]),
+            "most_likely_age_bin_prob": round(
+                float(columns["most_likely_age_bin_prob"][row]), PROBABILITY_DECIMALS
+            ),
+        }
+        if usable
+        else None
+        for row, usable in enumerate(columns["usable"])
+    ]
 
 
-def predict_faces(predictor, crops, bins, batch_size=32):
-    """Gender and age of face crops, one dict (or None: no landmarks) per crop; see `readable`."""
-    return readable(predictor.outputs(crops, batch_size), bins)
+def crop_box(crop, margin):
+    """Where the face lies in a crop that carries `margin` around it, as integer pixels."""
+    return clip_box(face_box_in_crop(*crop.size, margin), *crop.size)

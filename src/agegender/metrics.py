@@ -64,27 +64,31 @@ def constant_age_baselines(age_true, train_ages, edges, cs_years):
     }
 
 
-def per_age_bin(age_true, age_probs, edges):
-    """One row per age bin of the true age: images, MAE of the expected age, bin accuracy."""
+def per_age_bin(age_true, age_probs, edges, baseline_age=None):
+    """One row per age bin of the true age: images, MAE of the expected age, bin accuracy, and
+    with `baseline_age` (the training mean age) the MAE of always answering it."""
     import pandas as pd
 
     age_true = np.asarray(age_true)
     error = np.abs(expected_age(age_probs) - age_true)
     true_bin = age_bin(age_true, edges)
     hit = bin_probabilities(age_probs, edges).argmax(axis=1) == true_bin
+    columns = ["bin", "count", "mae", "bin_accuracy"]
     rows = []
     for index, label in enumerate(bin_labels(edges)):
         members = true_bin == index
         count = int(members.sum())
-        rows.append(
-            {
-                "bin": label,
-                "count": count,
-                "mae": float(error[members].mean()) if count else float("nan"),
-                "bin_accuracy": float(hit[members].mean()) if count else float("nan"),
-            }
-        )
-    return pd.DataFrame(rows, columns=["bin", "count", "mae", "bin_accuracy"])
+        row = {
+            "bin": label,
+            "count": count,
+            "mae": float(error[members].mean()) if count else float("nan"),
+            "bin_accuracy": float(hit[members].mean()) if count else float("nan"),
+        }
+        if baseline_age is not None:
+            baseline = np.abs(age_true[members] - baseline_age)
+            row["baseline_mae"] = float(baseline.mean()) if count else float("nan")
+        rows.append(row)
+    return pd.DataFrame(rows, columns=columns + ["baseline_mae"] * (baseline_age is not None))
 
 
 def per_gender(gender_true, gender_probs, names=GENDERS):

@@ -1,17 +1,18 @@
-"""Age and gender of every face in photos, with the trained model.
+"""Age and gender of every face in photos, or of faces already cropped, with the trained model.
 
-    python -m agegender.predict PHOTO_OR_FOLDER [...] [--model models/model.keras]
-        [--format jsonl|csv] [--annotate DIR] [--batch-size 32] [--params params.yaml]
+    python -m agegender.predict PHOTO_OR_FOLDER [...] [--crops [--crop-margin M]]
+        [--model models/model.keras] [--params params.yaml] [--weights data/weights]
+        [--format jsonl|csv] [--annotate DIR] [--batch-size 32]
 
-Faces are found with MTCNN and cropped as the crop stage crops them for `crop.method: mtcnn`
-(`crop.margin`, `crop.size`), then resized to the model's input size. One line per face goes
-to stdout (JSON lines, or CSV with a header); a photo that cannot be used is named on stderr
-with its reason (missing, unreadable, too_large, no_face) and the run goes on. Exit status:
-0 when at least one face was predicted, 1 when none was, 2 for a usage error.
+Photos: faces are found with MTCNN and cropped as the crop stage crops them. `--crops`: each
+image is one face already cut (the dataset's *_crop images, data/crops, another detector's
+output); no detector runs, and the image is re-framed to the training crops' margin and size.
+One line per face goes to stdout (JSON lines, or CSV with a header); a file that cannot be used
+is named on stderr with its reason (missing, unreadable, too_large, no_face, no_landmarks) and
+the run goes on. Exit status: 0 when every file could be read and a face was predicted, 1 when
+a file was missing or unreadable or no face was predicted, 2 for a usage error.
 
-`agegender.inference` is the reusable core (find_faces, Predictor, predict_faces).
-A model trained on dlib's face-recognition network (`model.backbone: dlib_resnet`) also needs
-the dlib model files (`--weights`, default data/weights, where `dvc repro` puts them).
+The Python API behind it is `agegender.inference.Predictor`.
 """
 
 import argparse
@@ -23,44 +24,33 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from agegender.errors import exits_cleanly
-from agegender.images import ImageSkip, load_rgb
-from agegender.inference import Predictor, find_faces, predict_faces
+from agegender.errors import PipelineError, exits_cleanly
+from agegender.images import ImageSkip
+from agegender.inference import ANSWER_FIELDS, Predictor, as_photo, crop_box
 from agegender.layout import MODEL, PARAMS, WEIGHTS
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-FIELDS = [
-    "file",
-    "face",
-    "x1",
-    "y1",
-    "x2",
-    "y2",
-    "confidence",
-    "gender",
-    "gender_prob",
-    "age",
-    "age_bin",
-    "age_bin_prob",
-]
+FIELDS = ["file", "face", "x1", "y1", "x2", "y2", "confidence", *ANSWER_FIELDS]
+UNREADABLE = {"missing", "unreadable", "too_large", "too_small", "no_images"}
 
 
 def image_files(paths):
-    """The named files as given, and the image files under named folders, sorted, recursively."""
+    """(file, name under --annotate) for the named files as given and the image files under
+    named folders, sorted, recursively; a folder holding none gives (folder, None)."""
     files = []
     for path in map(Path, paths):
         if path.is_dir():
             found = [
                 p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
             ]
-            files += [(p, p.relative_to(path)) for p in sorted(found)]
+            files += [(p, p.relative_to(path)) for p in sorted(found)] or [(path, None)]
         else:
             files.append((path, Path(path.name)))
     return files
 
 
-def annotate(image, faces, results):
-    """A copy of the photo with each face's box and its label drawn on it."""
+def annotate(image, answers):
+    """A copy of the image with each face's box and its label drawn on it."""
     from PIL import ImageDraw, ImageFont
 
     image = image.copy()
@@ -71,25 +61,23 @@ def annotate(image, faces, results):
     except (TypeError, ImportError, OSError):  # no FreeType: the small bitmap font
         font = ImageFont.load_default()
     width = max(2, round(2 * scale))
-    for index, (face, result) in enumerate(zip(faces, results)):
-        colour = (30, 144, 255) if result["gender"] == "male" else (255, 64, 160)
-        draw.rectangle(face.box, outline=colour, width=width)
-        label = (
-            f"#{index} {result['gender']} {result['gender_prob']:.2f}, "
-            f"age {result['age']:.1f} ({result['age_bin']})"
-        )
-        left, top, right, bottom = draw.textbbox((0, 0), label, font=font)
-        x = face.box[0]
-        y = (
-            face.box[1] - (bottom - top) - 2 * width
-            if face.box[1] > (bottom - top) + 2 * width
-            else face.box[3] + width
-        )
-        draw.rectangle(
-            (x, y, x + right - left + 2 * width, y + bottom - top + 2 * width), fill=colour
-        )
-        draw.text((x + width - left, y + width - top), label, fill=(255, 255, 255), font=font)
+    for answer in answers:
+        box = answer["box"]
+        colour = (30, 144, 255) if answer["gender"] == "male" else (255, 64, 160)
+        draw.rectangle(box, outline=colour, width=width)
+        left, top, right, bottom = draw.textbbox((0, 0), label(answer), font=font)
+        high = (bottom - top) + 2 * width
+        x, y = box[0], box[1] - high if box[1] > high else box[3] + width
+        draw.rectangle((x, y, x + right - left + 2 * width, y + high), fill=colour)
+        draw.text((x + width - left, y + width - top), label(answer), fill="white", font=font)
     return image
+
+
+def label(answer):
+    return (
+        f"#{answer['face']} {answer['gender']} {answer['gender_prob']:.2f}, "
+        f"age {answer['age']:.1f} ({answer['age_bin']})"
+    )
 
 
 def save_annotated(image, target):
@@ -107,14 +95,8 @@ class Writer:
             self.csv = csv.DictWriter(stream, fieldnames=FIELDS, lineterminator="\n")
             self.csv.writeheader()
 
-    def write(self, file, index, face, result):
-        record = {
-            "file": str(file),
-            "face": index,
-            "box": list(face.box),
-            "confidence": round(face.confidence, 4),
-            **result,
-        }
+    def write(self, file, answer):
+        record = {"file": str(file), **answer}
         if self.fmt == "csv":
             box = record.pop("box")
             self.csv.writerow({**record, **dict(zip(("x1", "y1", "x2", "y2"), box))})
@@ -126,33 +108,32 @@ class Writer:
 def parse_args(argv):
     parser = argparse.ArgumentParser(
         prog="agegender-predict",
-        description=(
-            "Find the faces in photos and predict each one's gender and age with the trained model."
-        ),
+        description="Predict the gender and age of the faces in photos, or of face crops.",
     )
     parser.add_argument(
         "paths",
         nargs="+",
         metavar="PHOTO_OR_FOLDER",
-        help="photos, or folders searched for jpg, jpeg, png, bmp and webp files",
+        help="images, or folders searched for jpg, jpeg, png, bmp and webp files",
     )
     parser.add_argument(
-        "--model", type=Path, default=MODEL, help=f"the saved model (default {MODEL})"
+        "--crops",
+        action="store_true",
+        help="each image is one face already cropped: no detection (default: find faces)",
     )
     parser.add_argument(
-        "--format",
-        choices=("jsonl", "csv"),
-        default="jsonl",
-        help="output on stdout (default jsonl)",
+        "--crop-margin",
+        type=float,
+        metavar="M",
+        help="with --crops: share of the face box each crop carries on each side (the "
+        "*_crop archives: 0.4; a tight detector box: 0); default: the training crops' margin",
     )
+    parser.add_argument("--model", type=Path, default=MODEL, help=f"the model (default {MODEL})")
     parser.add_argument(
-        "--annotate",
+        "--params",
         type=Path,
-        metavar="DIR",
-        help="write each photo with boxes and labels drawn into DIR",
-    )
-    parser.add_argument(
-        "--batch-size", type=positive, default=32, help="faces per model call (default 32)"
+        default=PARAMS,
+        help="the params.yaml of the model: crop.margin, crop.size, evaluate.age_bins",
     )
     parser.add_argument(
         "--weights",
@@ -160,13 +141,12 @@ def parse_args(argv):
         default=WEIGHTS,
         help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS})",
     )
+    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     parser.add_argument(
-        "--params",
-        type=Path,
-        default=PARAMS,
-        help=(
-            "params.yaml giving crop.margin, crop.size and evaluate.age_bins (default params.yaml)"
-        ),
+        "--annotate", type=Path, metavar="DIR", help="write each image with boxes and labels"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive, default=32, help="faces per model call (default 32)"
     )
     return parser.parse_args(argv)
 
@@ -178,75 +158,116 @@ def positive(text):
     return value
 
 
-@exits_cleanly
-def main(argv=None):
-    args = parse_args(argv)
-    from agegender.params import load_params
-
-    params = load_params(args.params)
-    margin, size, bins = (
-        params["crop"]["margin"],
-        params["crop"]["size"],
-        params["evaluate"]["age_bins"],
-    )
+def load_predictor(args):
+    """The predictor, or one paragraph naming the option that fixes what is missing."""
+    if not args.params.is_file():
+        raise PipelineError(
+            f"{args.params} not found: predict reads crop.margin, crop.size and "
+            "evaluate.age_bins from the params.yaml the model was trained with. Run it from the "
+            "repository root, or pass --params with that file's path."
+        )
     hint = (
         f"train one with `dvc repro train` (it writes {MODEL}), "
         "or pass --model with the path of a saved .keras model"
     )
-    predictor = Predictor.load(args.model, args.weights, face_margin=margin, hint=hint)
+    try:
+        return Predictor.load(args.model, args.params, args.weights, args.batch_size, hint=hint)
+    except PipelineError as error:
+        if "dlib" not in str(error):
+            raise
+        raise PipelineError(f"{error} Predict takes that folder from --weights.") from None
+
+
+def photo_answers(predictor, image, file, report):
+    """Every face of a photo; faces without dlib landmarks are reported and left out."""
+    found = predictor.detect(image)
+    if not found:
+        report(file, "no_face")
+    answers = predictor.face_answers(found)
+    for index, answer in enumerate(answers):
+        if answer is None:
+            report(f"{file} face {index}", "no_landmarks")
+    return [answer for answer in answers if answer]
+
+
+def crop_answers(predictor, images, files, margin, report):
+    """The answer list of each crop (empty: reported), the whole batch in one model call."""
+    margin = predictor.face_margin if margin is None else margin
+    answers = predictor.answers([predictor.framed(image, margin) for image in images])
+    results = []
+    for image, file, answer in zip(images, files, answers):
+        if answer is None:
+            report(file, "no_landmarks")
+            results.append([])
+            continue
+        box = list(crop_box(image, margin))
+        results.append([{"face": 0, "box": box, "confidence": None, **answer}])
+    return results
+
+
+@exits_cleanly
+def main(argv=None):
+    args = parse_args(argv)
+    predictor = load_predictor(args)
     files = image_files(args.paths)
     writer = Writer(args.format, sys.stdout)
 
     from tqdm import tqdm
 
     show_bar = any(Path(p).is_dir() for p in args.paths) and sys.stderr.isatty()
-    progress = tqdm(files, desc="predict", unit="photo", file=sys.stderr, disable=not show_bar)
-    pending = []  # (file, name, image or None, faces) waiting for a batch to fill
-    counts = {"photos": 0, "faces": 0, "skipped": 0}
+    progress = tqdm(files, desc="predict", unit="image", file=sys.stderr, disable=not show_bar)
+    counts = {"faces": 0, "unreadable": 0}
 
     def report(file, reason):
-        counts["skipped"] += 1
+        counts["unreadable"] += reason in UNREADABLE
         progress.write(f"{file}: {reason}", file=sys.stderr)
 
+    def emit(file, name, image, answers):
+        for answer in answers:
+            writer.write(file, answer)
+        counts["faces"] += len(answers)
+        if args.annotate and answers:
+            try:
+                save_annotated(annotate(image, answers), args.annotate / name)
+            except (OSError, ValueError, KeyError) as error:
+                report(file, f"annotate_failed ({error})")
+
+    pending = []  # (file, name, image) of --crops, waiting for a batch to fill
+
     def flush():
-        crops = [face.crop for *_, faces in pending for face in faces]
-        results = iter(predict_faces(predictor, crops, bins, args.batch_size))
-        for file, name, image, faces in pending:
-            answered = []
-            for index, face in enumerate(faces):
-                result = next(results)
-                if result is None:
-                    report(f"{file} face {index}", "no_landmarks")
-                    continue
-                writer.write(file, index, face, result)
-                answered.append((face, result))
-            counts["photos"] += 1
-            counts["faces"] += len(answered)
-            if image is not None and answered:
-                try:
-                    save_annotated(annotate(image, *zip(*answered)), args.annotate / name)
-                except (OSError, ValueError, KeyError) as error:
-                    report(file, f"annotate_failed ({error})")
+        if pending:
+            files_, _, images = zip(*pending)
+            answers = crop_answers(predictor, images, files_, args.crop_margin, report)
+            for (file, name, image), answer in zip(pending, answers):
+                emit(file, name, image, answer)
         pending.clear()
 
     for file, name in progress:
+        if name is None:
+            report(file, "no_images")
+            continue
         try:
-            image = load_rgb(file)
+            image = as_photo(file)
         except ImageSkip as skip:
             report(file, skip.reason)
             continue
-        faces = find_faces(image, margin, size)
-        if not faces:
-            report(file, "no_face")
-            continue
-        pending.append((file, name, image if args.annotate else None, faces))
-        if sum(len(faces) for *_, faces in pending) >= args.batch_size:
-            flush()
+        if args.crops:
+            pending.append((file, name, image))
+            if len(pending) == args.batch_size:
+                flush()
+        else:
+            emit(file, name, image, photo_answers(predictor, image, file, report))
     flush()
     progress.close()
+    return exit_status(counts, len(files))
 
+
+def exit_status(counts, files):
+    if counts["unreadable"]:
+        print(f"predict: {counts['unreadable']} file(s) could not be read", file=sys.stderr)
+        return 1
     if not counts["faces"]:
-        print(f"predict: no face predicted in {len(files)} file(s)", file=sys.stderr)
+        print(f"predict: no face predicted in {files} file(s)", file=sys.stderr)
         return 1
     return 0
 

@@ -102,10 +102,13 @@ def build_report(metrics, predictions, by_bin, by_gender, figures, cs_years=5):
         "## Per age bin",
         "",
     ]
+    baseline = "baseline_mae" in by_bin.columns
     lines += table(
-        ("true age bin", "images", "MAE (years)", "bin accuracy"),
+        ("true age bin", "images", "MAE (years)", "bin accuracy")
+        + ("MAE of the training mean age",) * baseline,
         [
             (row.bin, row.count, number(row.mae), percent(row.bin_accuracy))
+            + (number(row.baseline_mae),) * baseline
             for row in by_bin.itertuples()
         ],
     )

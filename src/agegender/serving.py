@@ -1,11 +1,12 @@
 """The trained model as an MLflow pyfunc model, for `mlflow models serve` and the model registry.
 
 One request row is one face crop, base64-encoded JPEG or PNG bytes in the column `image`;
-the answer row holds the fields the predict command prints: gender, gender_prob, age (DEX
-expected value over the 101 outputs), age_bin and age_bin_prob. Faces are not detected here:
-each image is taken as an already cropped face, framed as the crop stage frames them (the face
-box plus `crop.margin` on each side), and goes through the same inference core as predict
-(`python -m agegender.predict` finds faces in whole photos). A dlib_resnet model carries the
+the answer row holds the fields `python -m agegender.predict --crops` prints: gender,
+gender_prob, age (DEX expected value over the 101 outputs), age_bin (the bin of that age),
+most_likely_age_bin and most_likely_age_bin_prob. Faces are not detected here: each image is
+taken as an already cropped face, framed as the crop stage frames them (the face box plus
+`crop.margin` on each side), and goes through the same inference core as predict
+(`agegender.inference.Predictor.crops`). A dlib_resnet model carries the
 dlib model files as an artifact, so the served model takes crops, not descriptors; a face
 whose landmarks can't be found gets an answer row of nulls.
 """
@@ -28,18 +29,15 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, Schema
 
 from agegender.images import ImageSkip, load_rgb
-from agegender.inference import Predictor, open_model, predict_faces, takes_descriptors
+from agegender.inference import ANSWER_FIELDS, Predictor, open_model, takes_descriptors
 
-OUTPUT_COLUMNS = ["gender", "gender_prob", "age", "age_bin", "age_bin_prob"]
+OUTPUT_COLUMNS = ANSWER_FIELDS
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
     outputs=Schema(
         [
-            ColSpec("string", "gender"),
-            ColSpec("double", "gender_prob"),
-            ColSpec("double", "age"),
-            ColSpec("string", "age_bin"),
-            ColSpec("double", "age_bin_prob"),
+            ColSpec("string" if column.endswith(("gender", "bin")) else "double", column)
+            for column in OUTPUT_COLUMNS
         ]
     ),
 )
@@ -112,10 +110,10 @@ def decode_image(text, row):
 class AgeGenderModel(mlflow.pyfunc.PythonModel):
     """Gender and age of face crops sent as base64 images (column `image`, one face per row)."""
 
-    def __init__(self, age_bins, batch_size=32, face_margin=0.4):
+    def __init__(self, age_bins, batch_size=32, face_margin=0.4, size=64):
         self.age_bins = [int(edge) for edge in age_bins]
         self.batch_size = int(batch_size)
-        self.face_margin = float(face_margin)
+        self.face_margin, self.size = float(face_margin), int(size)
         self.model = None
 
     def load_context(self, context):
@@ -125,7 +123,9 @@ class AgeGenderModel(mlflow.pyfunc.PythonModel):
             from agegender.face_descriptor import FaceEncoder
 
             encoder = FaceEncoder(context.artifacts[FACE_MODELS], self.face_margin)
-        self.model = Predictor(model, encoder)
+        self.model = Predictor(
+            model, encoder, self.face_margin, self.size, self.age_bins, self.batch_size
+        )
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
         frame = model_input if isinstance(model_input, pd.DataFrame) else pd.DataFrame(model_input)
@@ -134,7 +134,7 @@ class AgeGenderModel(mlflow.pyfunc.PythonModel):
                 f"the input needs a column 'image' of base64 images; it has {list(frame.columns)}"
             )
         crops = [decode_image(text, row) for row, text in enumerate(frame["image"])]
-        answers = predict_faces(self.model, crops, self.age_bins, self.batch_size)
+        answers = self.model.crops(crops)
         return pd.DataFrame([answer or {} for answer in answers], columns=OUTPUT_COLUMNS)
 
     def __getstate__(self):  # the Keras model comes from the artifact, never from the pickle
@@ -174,6 +174,7 @@ def log_pyfunc(
         params["evaluate"]["age_bins"],
         params["evaluate"]["batch_size"],
         crop_face_margin(params["crop"]),
+        params["crop"]["size"],
     )
     requirements = PIP_REQUIREMENTS + (FACE_REQUIREMENTS if face_models_dir is not None else [])
     with tempfile.TemporaryDirectory(prefix="agegender-face-models-") as staging:

@@ -12,8 +12,15 @@ from agegender import plots
 from agegender.data import image_dataset
 from agegender.features import RowBatches, kept_rows, load_features, read_manifest
 from agegender.files import read_csv, replace_atomically, write_csv
-from agegender.inference import open_model, takes_descriptors
-from agegender.labels import GENDERS, expected_age
+from agegender.inference import (
+    AGE_DECIMALS,
+    PROBABILITY_DECIMALS,
+    Predictor,
+    answer_columns,
+    open_model,
+    takes_descriptors,
+)
+from agegender.labels import GENDERS
 from agegender.layout import (
     CROP_IMAGES,
     EXTERNAL_REPORT,
@@ -29,7 +36,6 @@ from agegender.metrics import (
     age_bin,
     age_metrics,
     bin_labels,
-    bin_probabilities,
     constant_age_baselines,
     gender_metrics,
     mean_age_baseline,
@@ -41,23 +47,25 @@ from agegender.stage import stage
 
 
 def predictions_table(test, outputs, edges):
-    """One row per test image, the columns DVC's confusion and scatter plots read."""
+    """One row per test image, the columns DVC's confusion and scatter plots read; the answers
+    are predict's (`answer_columns`), to as many decimals."""
     labels = np.array(bin_labels(edges))
+    answers = answer_columns(outputs, edges)
     return pd.DataFrame(
         {
             "full_path": test["full_path"].to_numpy(),
             "gender_true": np.array(GENDERS)[test["gender"].to_numpy()],
-            "gender_pred": np.array(GENDERS)[outputs["gender"].argmax(axis=1)],
-            "gender_confidence": np.round(outputs["gender"].max(axis=1), 4),
+            "gender_pred": answers["gender"],
+            "gender_confidence": np.round(answers["gender_prob"], PROBABILITY_DECIMALS),
             "age_true": test["age"].to_numpy(),
-            "age_pred": np.round(expected_age(outputs["age"]), 2),
+            "age_pred": np.round(answers["age"], AGE_DECIMALS),
             "age_bin_true": labels[age_bin(test["age"].to_numpy(), edges)],
-            "age_bin_pred": labels[bin_probabilities(outputs["age"], edges).argmax(axis=1)],
+            "age_bin_pred": answers["most_likely_age_bin"],
         }
     )
 
 
-def write_figures(predictions, by_bin, history, edges):
+def write_figures(predictions, by_bin, history, edges, train_mean_age):
     """The PNG figures, by title; each a pure function of a table."""
     labels = bin_labels(edges)
     return {
@@ -78,7 +86,12 @@ def write_figures(predictions, by_bin, history, edges):
             "Age bin",
         ),
         "Predicted vs true age": plots.age_scatter_png(predictions, FIGURES / "age_scatter.png"),
-        "MAE per age bin": plots.bin_mae_png(by_bin, FIGURES / "age_bin_mae.png"),
+        "MAE per age bin": plots.bin_mae_png(
+            by_bin,
+            FIGURES / "age_bin_mae.png",
+            baseline=by_bin["baseline_mae"],
+            baseline_label=f"always the training mean age, {train_mean_age:.1f}",
+        ),
         "Training curves": plots.training_curves_png(history, FIGURES / "training_curves.png"),
     }
 
@@ -96,16 +109,15 @@ def main(params, run):
     edges, cs_years = section["age_bins"], section["cs_years"]
     train, test = read_csv(split_table("train")), read_csv(split_table("test"))
     split_size = len(test)
-    model = open_model(MODEL)
-    if takes_descriptors(model):  # the features stage cached the test faces' descriptors
+    predictor = Predictor(open_model(MODEL), age_bins=edges, batch_size=section["batch_size"])
+    if takes_descriptors(predictor.model):  # the features stage cached the test descriptors
         test = kept_rows(test, read_manifest(FEATURES), "test")
         pairs = [load_features(FEATURES, "test"), load_features(FEATURES, "test_flipped")]
-        outputs = model.predict(RowBatches(pairs, section["batch_size"]), verbose=0)
+        batches = RowBatches(pairs, section["batch_size"])
     else:
-        outputs = model.predict(
-            image_dataset(test, CROP_IMAGES, model.input_shape[1], section["batch_size"]), verbose=0
-        )
-    outputs = {task: np.asarray(values, dtype=np.float64) for task, values in outputs.items()}
+        size = predictor.model.input_shape[1]
+        batches = image_dataset(test, CROP_IMAGES, size, section["batch_size"])
+    outputs = predictor.outputs_of_batches(batches)
 
     age = age_metrics(test["age"], outputs["age"], edges, cs_years)
     age["mean_baseline_mae"] = mean_age_baseline(test["age"], train["age"].mean())
@@ -119,10 +131,10 @@ def main(params, run):
         }
     )
     predictions = predictions_table(test, outputs, edges)
-    by_bin = per_age_bin(test["age"], outputs["age"], edges)
+    by_bin = per_age_bin(test["age"], outputs["age"], edges, baseline_age=train["age"].mean())
     by_gender = per_gender(test["gender"], outputs["gender"], GENDERS)
     history = pd.read_csv(HISTORY) if HISTORY.exists() else pd.DataFrame()
-    figures = write_figures(predictions, by_bin, history, edges)
+    figures = write_figures(predictions, by_bin, history, edges, train["age"].mean())
     links = {title: path.relative_to(REPORT.parent).as_posix() for title, path in figures.items()}
     report = build_report(metrics, predictions, by_bin, by_gender, links, cs_years)
     if EXTERNAL_REPORT.exists():

@@ -11,7 +11,7 @@ import numpy as np
 from agegender import external, plots
 from agegender.errors import PipelineError
 from agegender.files import replace_atomically
-from agegender.images import ImageSkip, load_rgb, reframe_crop
+from agegender.images import ImageSkip, load_rgb
 from agegender.inference import Predictor
 from agegender.labels import AGES
 from agegender.layout import EXTERNAL_FIGURES, EXTERNAL_REPORT, MODEL, WEIGHTS
@@ -19,7 +19,7 @@ from agegender.report import external_section
 from agegender.stage import stage
 
 
-def predict(predictor, paths, face_margin, crop, batch_size):
+def predict(predictor, paths, face_margin, batch_size):
     """(rows of `paths` scored, their outputs, skips per reason), one batch of images in memory at
     a time."""
     kept, gender, age, skipped = [], [np.zeros((0, 2))], [np.zeros((0, len(AGES)))], Counter()
@@ -31,9 +31,9 @@ def predict(predictor, paths, face_margin, crop, batch_size):
             except ImageSkip as skip:
                 skipped[skip.reason] += 1
                 continue
-            crops.append(reframe_crop(image, face_margin, crop["margin"], crop["size"]))
+            crops.append(predictor.framed(image, face_margin))
             rows.append(row)
-        outputs = predictor.outputs(crops, batch_size)
+        outputs = predictor.outputs(crops)
         usable = ~np.isnan(outputs["gender"]).any(axis=1)
         if not usable.all():
             skipped["no_landmarks"] += int((~usable).sum())
@@ -54,7 +54,7 @@ def evaluate_set(predictor, entry, params):
     table, bad = external.records(entry)
     margin = external.face_margin(entry, crop["margin"])
     rows, outputs, skipped = predict(
-        predictor, table["path"].tolist(), margin, crop, section["batch_size"]
+        predictor, table["path"].tolist(), margin, section["batch_size"]
     )
     found = len(table) + len(bad)
     if not len(rows):
@@ -107,8 +107,9 @@ def main(params, run):
     predictor = (
         Predictor.load(
             MODEL,
+            params,
             WEIGHTS,
-            face_margin=params["crop"]["margin"],
+            batch_size=params["evaluate"]["batch_size"],
             hint="run `dvc repro train` first",
             workers=os.cpu_count() or 1,
         )
