@@ -19,7 +19,7 @@ import yaml
 from PIL import Image
 
 from agegender.metrics import bin_labels
-from agegender.web import WebServer, main
+from agegender.web import Handler, WebServer, main
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 REPO = Path(__file__).resolve().parents[1]
@@ -178,6 +178,17 @@ def test_an_oversized_upload_is_refused_before_it_is_read(server, no_writes):
     connection.endheaders(b"\xff\xd8" * 100)
     response = connection.getresponse()
     assert response.status == 413 and "at most 2 MB" in json.loads(response.read())["error"]
+    connection.close()
+
+
+def test_a_stalled_upload_times_out(server, no_writes, monkeypatch):
+    monkeypatch.setattr(Handler, "timeout", 0.5)
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    connection.putrequest("POST", "/predict")
+    connection.putheader("Content-Length", "1000")
+    connection.endheaders(b"\xff\xd8" * 5)
+    response = connection.getresponse()
+    assert response.status == 408 and "stalled" in json.loads(response.read())["error"]
     connection.close()
 
 

@@ -104,20 +104,28 @@ class Handler(BaseHTTPRequestHandler):
 
     def dispatch(self):
         try:
+            answer = self.answer()
+            if answer:
+                self.send(*answer)
+                if not self.body_read:
+                    self.linger()
+        except ConnectionError:
+            pass  # the client went away: nobody to answer
+
+    def answer(self):
+        """(status, body, content type) for this request; None when the client went away."""
+        try:
             if self.route() == "/":
-                self.send(HTTPStatus.OK, page_html(self.server.max_upload_bytes), PAGE_TYPE)
-            else:
-                self.send_json(HTTPStatus.OK, self.predict())
+                return HTTPStatus.OK, page_html(self.server.max_upload_bytes), PAGE_TYPE
+            return self.json(HTTPStatus.OK, self.predict())
         except BadRequest as refusal:
-            self.send_json(refusal.status, {"error": str(refusal)})
+            return self.json(refusal.status, {"error": str(refusal)})
+        except ConnectionError:
+            return None
         except Exception as error:  # the page shows it instead of a dropped connection
             self.log_error("prediction failed: %r", error)
-            self.send_json(
-                HTTPStatus.INTERNAL_SERVER_ERROR,
-                {"error": f"the prediction failed: {type(error).__name__}: {error}"},
-            )
-        if not self.body_read:
-            self.linger()
+            message = f"the prediction failed: {type(error).__name__}: {error}"
+            return self.json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": message})
 
     def route(self):
         path, method = urlsplit(self.path).path, self.command
@@ -163,7 +171,13 @@ class Handler(BaseHTTPRequestHandler):
                 f"the upload is {int(length) / 2**20:.1f} MB; at most {limit / 2**20:g} MB "
                 "is accepted (--max-upload-mb)",
             )
-        body = self.rfile.read(int(length))
+        try:
+            body = self.rfile.read(int(length))
+        except TimeoutError:
+            raise BadRequest(
+                HTTPStatus.REQUEST_TIMEOUT,
+                f"the upload stalled: nothing came for {self.timeout} s",
+            ) from None
         self.body_read = True
         if len(body) < int(length):
             raise BadRequest(
@@ -190,8 +204,9 @@ class Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
-    def send_json(self, status, payload):
-        self.send(status, json.dumps(payload).encode("utf-8"), "application/json")
+    @staticmethod
+    def json(status, payload):
+        return status, json.dumps(payload).encode("utf-8"), "application/json"
 
     def send(self, status, body, content_type):
         self.send_response(status)
