@@ -52,13 +52,16 @@ def history(epochs=4):
     return pd.DataFrame(
         {
             "epoch": epoch,
-            "loss": 5 - 0.1 * epoch,
-            "val_loss": 5.1 - 0.05 * epoch,
-            "gender_accuracy": 0.7 + 0.02 * epoch,
-            "val_gender_accuracy": 0.7 + 0.01 * epoch,
             "age_accuracy": 0.02 + 0.01 * epoch,
+            "age_loss": 13 - 0.8 * epoch,
+            "gender_accuracy": 0.7 + 0.02 * epoch,
+            "gender_loss": 0.2 - 0.02 * epoch,
+            "loss": 1.5 - 0.1 * epoch,
             "val_age_accuracy": 0.02 + 0.005 * epoch,
-            "phase": ["head"] * epochs,
+            "val_age_loss": 12 - 0.4 * epoch,
+            "val_gender_accuracy": 0.7 + 0.01 * epoch,
+            "val_gender_loss": 0.15 - 0.01 * epoch,
+            "val_loss": 1.4 - 0.05 * epoch,
         }
     )
 
@@ -67,6 +70,16 @@ def by_bin(table):
     probs = np.zeros((len(table), 101))
     probs[np.arange(len(table)), np.round(table["age_pred"]).astype(int)] = 1
     return per_age_bin(table["age_true"], probs, EDGES)
+
+
+def mean_baseline(table, mean_age=33.9):
+    """Per bin, the MAE of always answering `mean_age`: the baseline evaluate draws."""
+    true_bin = np.searchsorted(EDGES, table["age_true"], side="right") - 1
+    error = np.abs(np.asarray(table["age_true"], float) - mean_age)
+    return [
+        error[true_bin == index].mean() if (true_bin == index).any() else np.nan
+        for index in range(len(EDGES))
+    ]
 
 
 def figures(folder, table, curves):
@@ -90,7 +103,9 @@ def figures(folder, table, curves):
             "Age bin",
         ),
         "age_scatter.png": plots.age_scatter_png(table, folder / "age_scatter.png"),
-        "age_bin_mae.png": plots.bin_mae_png(by_bin(table), folder / "age_bin_mae.png"),
+        "age_bin_mae.png": plots.bin_mae_png(
+            by_bin(table), folder / "age_bin_mae.png", mean_baseline(table), "train mean, 33.9"
+        ),
         "training_curves.png": plots.training_curves_png(curves, folder / "training_curves.png"),
     }
 
@@ -134,6 +149,122 @@ def test_confusion_counts_every_pair():
         )
     with pytest.raises(KeyError):
         plots.confusion_png(table, "t", "p", ["a"], Path("unused.png"), "x")
+
+
+# --- what the figures show ------------------------------------------------------------------
+
+
+def panel(figure, title):
+    """The axes titled `title`, then its twins (the axes drawn over it)."""
+    (axes,) = [axes for axes in figure.axes if axes.get_title() == title]
+    where = axes.get_position().bounds
+    twins = [other for other in figure.axes if other is not axes and not other.get_title()]
+    return [axes] + [other for other in twins if other.get_position().bounds == where]
+
+
+def panels(figure):
+    """{title: y labels of its axes and of their twins}."""
+    return {
+        axes.get_title(): [each.get_ylabel() for each in panel(figure, axes.get_title())]
+        for axes in figure.axes
+        if axes.get_title()
+    }
+
+
+def line(figure, label, title=None):
+    """The one line labelled `label`, in the panel titled `title` when given."""
+    where = panel(figure, title) if title else figure.axes
+    (found,) = [
+        artist for axes in where for artist in axes.get_lines() if artist.get_label() == label
+    ]
+    return found
+
+
+def test_training_curves_give_each_task_its_own_axes():
+    table = history(epochs=6)
+    figure = plots.training_curves_figure(table)
+    figure.canvas.draw()
+    assert panels(figure) == {
+        "Gender": ["loss", "accuracy"],
+        "Age": ["loss", "accuracy (exact year)"],
+        "Total loss (the weighted sum trained on)": ["total loss"],
+    }
+    gender = line(figure, "accuracy, validation", "Gender")
+    age = line(figure, "accuracy (exact year), validation", "Age")
+    assert gender.axes is not age.axes
+    np.testing.assert_allclose(age.get_ydata(), table["val_age_accuracy"])
+    np.testing.assert_allclose(
+        line(figure, "loss, train", "Gender").get_ydata(), table["gender_loss"]
+    )
+    np.testing.assert_allclose(
+        line(figure, "loss, validation", "Age").get_ydata(), table["val_age_loss"]
+    )
+    # each scale fits its own lines: age accuracy (2-7%) fills its axis instead of lying flat
+    low, high = age.axes.get_ylim()
+    spread = table[["age_accuracy", "val_age_accuracy"]].to_numpy()
+    assert high - low < 1.5 * (spread.max() - spread.min())
+    assert line(figure, "accuracy, train").get_linestyle() == "-" and gender.get_linestyle() == "--"
+    (best,) = [
+        a for a in figure.axes for a in a.get_lines() if a.get_label() == "lowest validation loss"
+    ]
+    assert best.get_xdata()[0] == table["epoch"].iloc[table["val_loss"].argmin()]
+
+
+def test_training_curves_show_the_rate_and_the_fine_tuning_phase():
+    table = pd.concat([history(epochs=3), history(epochs=2)], ignore_index=True)
+    table["epoch"] = range(len(table))
+    table["phase"] = ["head"] * 3 + ["finetune"] * 2
+    table["learning_rate"] = [1e-3, 1e-3, 5e-4, 1e-4, 1e-4]
+    figure = plots.training_curves_figure(table)
+    total = panels(figure)["Total loss (the weighted sum trained on)"]
+    assert total == ["total loss", "learning rate"]
+    rate = line(figure, "learning rate")
+    assert rate.axes.get_yscale() == "log"
+    marks = [
+        text.get_text()
+        for axes in figure.axes
+        for text in axes.texts
+        if text.get_text() == "finetune"
+    ]
+    assert len(marks) == 3  # one per panel, at the change only
+
+
+def test_training_curves_draw_what_a_history_has():
+    table = history()[["epoch", "gender_accuracy", "age_loss", "val_age_loss"]].copy()
+    assert panels(plots.training_curves_figure(table)) == {"Gender": ["accuracy"], "Age": ["loss"]}
+    table["phase"] = "head"  # a text column is no curve, and one phase draws no phase change
+    figure = plots.training_curves_figure(table)
+    assert panels(figure) == {"Gender": ["accuracy"], "Age": ["loss"]}
+    assert not [text for axes in figure.axes for text in axes.texts]
+    empty = plots.training_curves_figure(pd.DataFrame())
+    assert "no training history" in [text.get_text() for text in empty.texts]
+    assert not empty.axes
+
+
+def test_bin_mae_draws_the_baseline_of_each_bin():
+    table = predictions(count=60)
+    per_bin, baseline = by_bin(table), mean_baseline(table)
+    figure = plots.bin_mae_figure(per_bin, baseline, "always the train mean age, 33.9")
+    drawn = line(figure, "always the train mean age, 33.9")
+    values = np.asarray(drawn.get_ydata(), float)
+    np.testing.assert_allclose(
+        values[np.isfinite(values)][::2], np.asarray(baseline)[np.isfinite(baseline)]
+    )
+    (axes,) = figure.axes
+    assert [text.get_text() for text in axes.get_legend().get_texts()] == [
+        "model",
+        "always the train mean age, 33.9",
+    ]
+    assert axes.get_ylim()[1] > np.nanmax(baseline)
+    heights = [bar.get_height() for bar in axes.patches]
+    np.testing.assert_allclose(heights, np.nan_to_num(per_bin["mae"]))
+    ticks = [tick.get_text() for tick in axes.get_xticklabels()]
+    assert ticks == [f"{b}\nn={n}" for b, n in zip(per_bin["bin"], per_bin["count"])]
+    assert axes.get_ylabel() == "mean absolute error (years)"
+    with pytest.raises(ValueError, match="baseline values"):
+        plots.bin_mae_figure(per_bin, baseline[:-1])
+    without = plots.bin_mae_figure(per_bin)
+    assert [t.get_text() for t in without.axes[0].get_legend().get_texts()] == ["model"]
 
 
 # --- the offline template -------------------------------------------------------------------
