@@ -317,8 +317,15 @@ def test_the_page_shows_a_photo_with_its_face_in_chromium(page, no_writes):
     wait_for(page, "done")
     row, canvas_label, face, edge = shown_face(page)
     check_face(face)
-    assert LABEL.search(row) and LABEL.search(canvas_label), (row, canvas_label)
-    assert f"{face['gender']} {face['gender_prob']:.2f}" in canvas_label
+    assert LABEL.search(canvas_label), canvas_label
+    assert f"{face['gender']} {face['gender_prob']:.2f}, age {face['age']:.1f}" in canvas_label
+    cells = row.split("\t")
+    assert cells[1:4] == [
+        f"{face['gender']} ({face['gender_prob']:.2f})",
+        f"{face['age']:.1f}",
+        face["age_bin"],
+    ]
+    assert cells[-1] == ", ".join(map(str, face["box"]))
     assert edge == ([30, 144, 255, 255] if face["gender"] == "male" else [255, 64, 160, 255])
     assert (page.eval_on_selector("#view", "c => [c.width, c.height]")) == [512, 600]
     assert "1 face in grace_hopper.jpg" in page.text_content("#status")
