@@ -11,6 +11,7 @@ from agegender.metrics import (
     bin_probabilities,
     gender_metrics,
     mean_age_baseline,
+    per_age_bin,
 )
 
 EDGES = [0, 10, 20, 30, 40, 50, 60]
@@ -108,3 +109,17 @@ def test_gender_accuracy_and_majority_baseline():
 def test_mean_age_baseline():
     assert mean_age_baseline([20, 40, 33], 30) == pytest.approx((10 + 10 + 3) / 3)
     assert mean_age_baseline(np.array([30.0]), 30) == 0.0
+
+
+def test_per_age_bin_draws_the_mean_age_baseline_per_bin():
+    """Always answering 30 errs 25 and 15 years in 0-9 and 10-19, 0 in 30-39; an empty bin
+    has no baseline either."""
+    ages = np.array([5, 5, 15, 30])
+    probs = np.zeros((4, 101))
+    probs[np.arange(4), ages] = 1.0
+    table = per_age_bin(ages, probs, [0, 10, 20, 30], baseline_age=30.0)
+    assert list(table.columns) == ["bin", "count", "mae", "bin_accuracy", "baseline_mae"]
+    assert table["baseline_mae"].tolist()[:2] == [25.0, 15.0]
+    assert np.isnan(table["baseline_mae"][2]) and table["baseline_mae"][3] == 0.0
+    assert table["mae"].fillna(-1).tolist() == [0.0, 0.0, -1, 0.0]
+    assert "baseline_mae" not in per_age_bin(ages, probs, [0, 10, 20, 30]).columns

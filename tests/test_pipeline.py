@@ -66,6 +66,26 @@ def children_by_parent(runs):
     return parents, children
 
 
+def check_predict_on_crops_agrees_with_evaluate(repo, env, count=40):
+    """`predict --crops` on the pipeline's own test crops gives evaluate's numbers: the same
+    model, the same framing, the same descriptors, so to 1e-5 (both round to that)."""
+    import csv
+    import io
+
+    table = list(csv.DictReader(open(repo / "metrics/predictions.csv")))[:count]
+    paths = [f"data/crops/images/{row['full_path']}" for row in table]
+    out = run(
+        ["python", "-m", "agegender.predict", "--crops", "--format", "csv", *paths], repo, env
+    )
+    answers = list(csv.DictReader(io.StringIO(out)))
+    assert [answer["file"] for answer in answers] == paths
+    for row, answer in zip(table, answers):
+        assert answer["gender"] == row["gender_pred"]
+        assert answer["most_likely_age_bin"] == row["age_bin_pred"]
+        assert abs(float(answer["gender_prob"]) - float(row["gender_confidence"])) <= 1.01e-5
+        assert abs(float(answer["age"]) - float(row["age_pred"])) <= 1.01e-5
+
+
 def test_repro_rerun_experiment_and_mlflow(repo):
     repo, env = repo
     set_params(repo, TINY)
@@ -90,6 +110,7 @@ def test_repro_rerun_experiment_and_mlflow(repo):
     assert features["feature_size"] == 128 and sum(features["no_landmarks"].values()) <= 3
     assert json.loads((repo / "metrics/external.json").read_text()) == {"sets": {}}
     assert "evaluate_external: no sets configured" in out
+    check_predict_on_crops_agrees_with_evaluate(repo, env)
 
     again = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in again

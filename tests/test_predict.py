@@ -17,8 +17,8 @@ import yaml
 from PIL import Image
 
 from agegender.images import load_rgb, resize_whole
-from agegender.inference import find_faces, predict_faces
-from agegender.metrics import bin_labels
+from agegender.inference import Predictor, crop_box, find_faces
+from agegender.metrics import age_bin, bin_labels
 from agegender.predict import main
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
@@ -65,8 +65,10 @@ def check_face(record, width, height):
     assert 60 < x2 - x1 < 300 and 60 < y2 - y1 < 300
     assert 0.9 <= record["confidence"] <= 1
     assert record["gender"] in ("male", "female") and 0.5 <= record["gender_prob"] <= 1
-    assert 0 <= record["age"] <= 100 and record["age"] == round(record["age"], 1)
-    assert record["age_bin"] in bin_labels(BINS) and 0 <= record["age_bin_prob"] <= 1
+    assert 0 <= record["age"] <= 100
+    assert record["age_bin"] == bin_labels(BINS)[age_bin(record["age"], BINS)]
+    assert record["most_likely_age_bin"] in bin_labels(BINS)
+    assert 0 < record["most_likely_age_bin_prob"] <= 1
 
 
 @pytest.fixture
@@ -93,9 +95,9 @@ def test_one_face_in_grace_hopper(setup, capsys):
     check_face(record, *Image.open(GRACE_HOPPER).size)
 
 
-def test_folder_reports_bad_files_and_goes_on(setup, capsys, folder):
+def test_folder_reports_bad_files_goes_on_and_exits_1(setup, capsys, folder):
     status, out, err = predict(setup, capsys, folder, "--annotate", folder.parent / "annotated")
-    assert status == 0
+    assert status == 1  # broken.jpg could not be read
     records = [json.loads(line) for line in out.splitlines()]
     assert [r["file"] for r in records] == [
         str(folder / "hopper.JPG"),
@@ -109,6 +111,22 @@ def test_folder_reports_bad_files_and_goes_on(setup, capsys, folder):
     problems = [line for line in err.splitlines() if line.startswith(str(folder))]
     assert problems == [f"{folder / 'broken.jpg'}: unreadable", f"{folder / 'gray.png'}: no_face"]
     assert "notes.txt" not in err
+    assert err.splitlines()[-1] == "predict: 1 file(s) could not be read"
+
+
+def test_a_photo_without_a_face_is_not_an_error(setup, capsys, folder):
+    status, out, err = predict(setup, capsys, folder / "hopper.JPG", folder / "gray.png")
+    assert status == 0 and len(out.splitlines()) == 1
+    assert f"{folder / 'gray.png'}: no_face" in err.splitlines()
+
+
+def test_a_missing_path_exits_1_after_the_others(setup, capsys, tmp_path):
+    status, out, err = predict(setup, capsys, tmp_path / "missing.jpg", GRACE_HOPPER)
+    assert status == 1 and len(out.splitlines()) == 1
+    assert f"{tmp_path / 'missing.jpg'}: missing" in err.splitlines()
+    (tmp_path / "empty").mkdir()
+    status, out, err = predict(setup, capsys, tmp_path / "empty", GRACE_HOPPER)
+    assert status == 1 and f"{tmp_path / 'empty'}: no_images" in err.splitlines()
 
 
 def test_csv_has_a_header_and_one_row(setup, capsys):
@@ -116,7 +134,8 @@ def test_csv_has_a_header_and_one_row(setup, capsys):
     assert status == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert out.startswith(
-        "file,face,x1,y1,x2,y2,confidence,gender,gender_prob,age,age_bin,age_bin_prob\n"
+        "file,face,x1,y1,x2,y2,confidence,gender,gender_prob,age,age_bin,"
+        "most_likely_age_bin,most_likely_age_bin_prob\n"
     )
     assert len(rows) == 1 and rows[0]["face"] == "0" and rows[0]["gender"] in ("male", "female")
     assert 0 <= float(rows[0]["age"]) <= 100
@@ -149,7 +168,7 @@ def test_nothing_predicted_exits_1(setup, capsys, folder, tmp_path):
     assert f"{tmp_path / 'missing.jpg'}: missing" in err.splitlines()
 
 
-def test_missing_model_says_to_train(setup, capsys, tmp_path):
+def test_missing_model_says_to_train_or_pass_model(setup, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
         main(
             [
@@ -161,7 +180,18 @@ def test_missing_model_says_to_train(setup, capsys, tmp_path):
             ]
         )
     assert exit_info.value.code == 1
-    assert "dvc repro train" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dvc repro train" in err and "--model" in err and str(tmp_path / "none.keras") in err
+
+
+def test_missing_params_names_the_option(setup, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # outside the repository: no params.yaml here
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(GRACE_HOPPER), "--model", str(setup / "model.keras")])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: params.yaml not found") and "--params" in err
+    assert "run the stage" not in err
 
 
 def test_usage_error_exits_2(capsys):
@@ -170,17 +200,48 @@ def test_usage_error_exits_2(capsys):
     assert exit_info.value.code == 2
 
 
-def test_core_functions_batch_and_resize(setup):
-    from agegender.inference import Predictor
-
+def test_the_api_batches_resizes_and_takes_any_photo(setup):
     faces = find_faces(load_rgb(GRACE_HOPPER), margin=0.4, size=48)
     assert len(faces) == 1 and faces[0].crop.size == (48, 48)
-    model = Predictor.load(setup / "model.keras")
+    predictor = Predictor.load(setup / "model.keras", setup / "params.yaml", batch_size=2)
     crops = [faces[0].crop, resize_whole(faces[0].crop, 32), Image.new("RGB", (20, 20))]
-    results = predict_faces(model, crops, BINS, batch_size=2)  # two model calls
+    results = predictor.answers(crops)  # two model calls
     assert len(results) == 3 and results[0] == results[1]  # crops are resized to the model's 32 px
     assert all(0 <= r["age"] <= 100 and r["age_bin"] in bin_labels(BINS) for r in results)
-    assert predict_faces(model, [], BINS) == []
+    assert predictor.answers([]) == []
+    (by_path,) = predictor.faces(GRACE_HOPPER)
+    (by_array,) = predictor.faces(np.asarray(load_rgb(GRACE_HOPPER)))
+    assert by_path == by_array and by_path["face"] == 0
+    check_face(by_path, 512, 600)
+
+
+def test_crops_run_no_detector_and_answer_as_the_api(setup, sample_dir, tmp_path):
+    """One line per crop, the face box where the crop's margin puts it, the API's numbers; in a
+    fresh process, so that MTCNN is seen not to load."""
+    crops = sorted((sample_dir / "90").glob("*.jpg"))[:3]
+    code = (
+        "import sys\n"
+        "from agegender.predict import main\n"
+        "status = main(sys.argv[1:])\n"
+        "assert 'mtcnn' not in sys.modules and 'agegender.faces' not in sys.modules\n"
+        "sys.exit(status)\n"
+    )
+    args = ["--crops", "--model", setup / "model.keras", "--params", setup / "params.yaml"]
+    result = subprocess.run(
+        [sys.executable, "-c", code, *map(str, [*args, *crops])],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    records = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [record["file"] for record in records] == list(map(str, crops))
+    expected = Predictor.load(setup / "model.keras", setup / "params.yaml").crops(crops)
+    for record, path, answer in zip(records, crops, expected):
+        assert record["face"] == 0 and record["confidence"] is None
+        assert record["box"] == list(crop_box(load_rgb(path), 0.4))
+        assert {key: record[key] for key in answer} == answer
 
 
 def test_command_line_entry_point(setup, tmp_path):

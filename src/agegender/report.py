@@ -108,7 +108,7 @@ def build_report(metrics, predictions, by_bin, by_gender, figures, cs_years=5):
         + ("MAE of the training mean age",) * baseline,
         [
             (row.bin, row.count, number(row.mae), percent(row.bin_accuracy))
-            + (number(row.baseline_mae),) * baseline
+            + ((number(row.baseline_mae),) if baseline else ())
             for row in by_bin.itertuples()
         ],
     )
