@@ -84,7 +84,7 @@ def decode_upload(body, content_type, max_upload_bytes):
         raise BadRequest(
             HTTPStatus.UNSUPPORTED_MEDIA_TYPE,
             f"not an image this server can read: received {describe(body, content_type)}; "
-            f"accepted is {ACCEPTED}, at most {max_upload_bytes // 2**20} MB.{hint}",
+            f"accepted is {ACCEPTED}, at most {max_upload_bytes / 2**20:g} MB.{hint}",
         ) from None
 
 
