@@ -1,7 +1,8 @@
-"""Stage export: SavedModel and TFLite files that predict what Keras predicts, the pyfunc model
-registered in MLflow, and no failed stage when MLflow fails."""
+"""Stage export: SavedModel, TFLite and ONNX files that predict what Keras predicts on the first
+test faces, the pyfunc model registered in MLflow, and no failed stage when MLflow fails."""
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -10,16 +11,21 @@ import warnings
 
 import keras
 import numpy as np
+import onnxruntime
+import pandas as pd
 import pytest
 import tensorflow as tf
 
 from agegender import serving
-from agegender.layout import STAGE_METRICS
+from agegender.features import save_features
+from agegender.layout import CROP_IMAGES, FEATURES, STAGE_METRICS, WEIGHTS, split_table
 from agegender.model import build_networks, load_model
 from agegender.serving import float32_model
 from agegender.stages import export
 
 SIZE = 32
+TEST_CROPS = 3  # fewer than CHECK_INPUTS: the check takes the test faces there are
+TEST_DESCRIPTORS = 5
 
 
 @pytest.fixture(scope="module")
@@ -33,14 +39,64 @@ def tiny_model(tmp_path_factory):
     return path
 
 
-@pytest.fixture
-def exported(project, tiny_model):
+@pytest.fixture(scope="module")
+def descriptor_model(tmp_path_factory):
+    """Heads on dlib descriptors, standardized on descriptor-sized numbers, untrained."""
+    path = tmp_path_factory.mktemp("export-descriptor-model") / "model.keras"
+    networks = build_networks(SIZE, backbone="dlib_resnet", head_units=(16, 8), seed=1)
+    networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.1, (50, 128)).astype("float32"))
+    networks.image_model.save(path)
+    return path
+
+
+def scratch_project(project, model):
     """A scratch project with models/model.keras and its own MLflow experiment."""
     experiment = f"test-export-{uuid.uuid4().hex[:8]}"
     params = project(mlflow={"experiment": experiment})
     (export.MODEL).parent.mkdir(parents=True)
-    shutil.copy(tiny_model, export.MODEL)
+    shutil.copy(model, export.MODEL)
     return params
+
+
+@pytest.fixture
+def exported(project, tiny_model, sample_dir):
+    """The image model, with the bundled sample's first real face crops as the test split."""
+    params = scratch_project(project, tiny_model)
+    faces = sorted((sample_dir / "90").glob("*.jpg"))[:TEST_CROPS]
+    names = [f"90/{face.name}" for face in faces]
+    for face, name in zip(faces, names):
+        (CROP_IMAGES / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(face, CROP_IMAGES / name)
+    split_table("test").parent.mkdir(parents=True)
+    pd.DataFrame({"full_path": names, "gender": [0, 1, 1], "age": [30, 41, 7]}).to_csv(
+        split_table("test"), index=False
+    )
+    return params
+
+
+@pytest.fixture
+def descriptor_project(project, descriptor_model, face_models):
+    """The descriptor model, with cached test descriptors (a face's and its mirror's) and the
+    dlib files the registered model carries."""
+    params = scratch_project(project, descriptor_model)
+    rng = np.random.default_rng(5)
+    for name in ("test", "test_flipped"):
+        rows = rng.normal(0, 0.1, (TEST_DESCRIPTORS, 128)).astype(np.float32)
+        save_features(FEATURES, name, rows, exact=True)
+    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    WEIGHTS.symlink_to(face_models)
+    return params
+
+
+def onnx_session(path, input_name):
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    assert [(i.name, i.shape[0]) for i in session.get_inputs()] == [(input_name, "batch")]
+    assert [o.name for o in session.get_outputs()] == ["gender", "age"]
+    return session
+
+
+def onnx_outputs(session, inputs):
+    return dict(zip(["gender", "age"], session.run(["gender", "age"], {"image": inputs})))
 
 
 def tflite_outputs(path, images):
@@ -54,23 +110,35 @@ def tflite_outputs(path, images):
     return interpreter.get_signature_runner("serving_default")(image=images)
 
 
-def test_export_writes_saved_model_and_tflite_that_match_keras(exported):
+def test_export_writes_saved_model_tflite_and_onnx_that_match_keras(exported):
     import mlflow
 
     export.main()
 
     assert (export.SAVED_MODEL / "saved_model.pb").is_file()
     assert export.TFLITE.is_file() and export.TFLITE.stat().st_size > 1_000_000
+    assert export.ONNX.is_file() and export.ONNX.stat().st_size > 1_000_000
     metrics = json.loads(STAGE_METRICS["export"].read_text())
-    assert metrics["check_images"] == export.CHECK_IMAGES
+    assert metrics["check_inputs"] == "test crops"
+    assert metrics["check_count"] == TEST_CROPS
     assert metrics["cast_to_float32"] is False
-    for fmt in ("tflite", "saved_model"):
+    for fmt in ("onnx", "tflite", "saved_model"):
         assert set(metrics["max_abs_diff"][fmt]) == {"gender", "age"}
         assert max(metrics["max_abs_diff"][fmt].values()) < 1e-4
     assert "size_bytes" not in metrics  # they differ run to run: in MLflow, not in git
 
-    # TFLite against Keras, on images the stage did not check
+    # ONNX in onnxruntime against Keras, on the test crops and on a batch of another size
     model = load_model(export.MODEL)
+    session = onnx_session(export.ONNX, "image")
+    crops, _ = export.check_inputs(model)
+    assert crops.shape == (TEST_CROPS, SIZE, SIZE, 3) and crops.std() > 10  # decoded faces
+    for inputs in (crops, crops[:1]):
+        expected, got = model.predict(inputs, verbose=0), onnx_outputs(session, inputs)
+        for task in ("gender", "age"):
+            assert got[task].shape == expected[task].shape
+            np.testing.assert_allclose(got[task], expected[task], atol=1e-4)
+
+    # TFLite against Keras, on images the stage did not check
     images = np.random.default_rng(7).uniform(0, 255, (3, SIZE, SIZE, 3)).astype(np.float32)
     expected = model.predict(images, verbose=0)
     lite = tflite_outputs(export.TFLITE, images)
@@ -98,11 +166,54 @@ def test_export_writes_saved_model_and_tflite_that_match_keras(exported):
     assert run.data.metrics["max_abs_diff.tflite.age"] < 1e-4
     sizes = {key: value for key, value in run.data.metrics.items() if key.startswith("size_bytes.")}
     assert sizes["size_bytes.tflite"] == export.TFLITE.stat().st_size
+    assert sizes["size_bytes.onnx"] == export.ONNX.stat().st_size
     # each weight stored once, not twice (as `ExportArchive.track` would)
     assert sizes["size_bytes.saved_model"] < 1.2 * sizes["size_bytes.keras"]
     assert [a.path for a in client.list_artifacts(run.info.run_id, "tflite")] == [
         "tflite/model.tflite"
     ]
+    assert [a.path for a in client.list_artifacts(run.info.run_id, "onnx")] == ["onnx/model.onnx"]
+
+
+def test_a_descriptor_model_is_checked_on_the_cached_test_descriptors(descriptor_project):
+    export.main()
+
+    metrics = json.loads(STAGE_METRICS["export"].read_text())
+    assert metrics["check_inputs"] == "test descriptors and their mirrors'"
+    assert metrics["check_count"] == TEST_DESCRIPTORS
+    for fmt in ("onnx", "tflite", "saved_model"):
+        assert max(metrics["max_abs_diff"][fmt].values()) < 1e-4
+    model = load_model(export.MODEL)
+    pairs, _ = export.check_inputs(model)
+    face, mirror = (np.load(FEATURES / f"{name}.npy") for name in ("test", "test_flipped"))
+    np.testing.assert_array_equal(pairs, np.stack([face, mirror], axis=1))
+
+    session = onnx_session(export.ONNX, "descriptor_and_mirror")
+    expected = model.predict(pairs, verbose=0)
+    got = dict(zip(["gender", "age"], session.run(None, {"descriptor_and_mirror": pairs})))
+    for task in ("gender", "age"):
+        np.testing.assert_allclose(got[task], expected[task], atol=1e-4)
+    # both descriptors of a pair reach the heads: the mirror's moves the answer
+    alone = session.run(None, {"descriptor_and_mirror": np.stack([face, face], axis=1)})
+    assert np.abs(alone[1] - got["age"]).max() > 1e-4
+
+
+def test_an_export_that_disagrees_with_keras_fails_the_stage(
+    descriptor_project, monkeypatch, capsys
+):
+    predict = export.onnx_predict
+
+    def off(*args):
+        outputs = predict(*args)
+        return {**outputs, "age": outputs["age"] + 0.01}
+
+    monkeypatch.setattr(export, "onnx_predict", off)
+    with pytest.raises(SystemExit) as exit_info:
+        export.main()
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "disagree with Keras by up to 0.01" in error and str(export.ONNX) in error
+    assert not STAGE_METRICS["export"].exists()
 
 
 def test_export_goes_on_when_mlflow_logging_fails(exported, monkeypatch, capsys):
@@ -174,3 +285,31 @@ def test_the_saved_model_is_the_same_bytes_every_time(tmp_path):
         contents.append({p.relative_to(tmp_path / name): p.read_bytes() for p in files})
     assert "saved_model.pb" in {str(path) for path in contents[0]}
     assert contents[0] == contents[1]
+
+
+ONNX_IN_A_FRESH_PROCESS = """
+import sys
+from agegender.model import load_model
+from agegender.stages.export import export_onnx
+
+model = load_model(sys.argv[1])
+for copy in sys.argv[2:]:
+    export_onnx(model, copy)
+"""
+
+
+def test_the_onnx_file_is_the_same_bytes_every_time(tmp_path, descriptor_model):
+    """tf2onnx names what it makes from a counter that runs on within a process, and picks one
+    of equal weights (the heads' own, read for the face and for its mirror) by the order of a
+    set of strings, which changes with each process's hash seed."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONHASHSEED"}
+    copies = [tmp_path / f"{run}-{index}.onnx" for run in ("first", "second") for index in (1, 2)]
+    for run in (copies[:2], copies[2:]):
+        subprocess.run(
+            [sys.executable, "-c", ONNX_IN_A_FRESH_PROCESS, str(descriptor_model), *map(str, run)],
+            check=True,
+            capture_output=True,
+            env=env,
+        )
+    contents = {path.read_bytes() for path in copies}
+    assert len(contents) == 1 and len(next(iter(contents))) > 10_000
