@@ -86,6 +86,17 @@ def check_predict_on_crops_agrees_with_evaluate(repo, env, count=40):
         assert abs(float(answer["age"]) - float(row["age_pred"])) <= 1.01e-5
 
 
+def check_the_readmes_python_example_runs(repo, env):
+    """The README's API example, as written, after `dvc repro`, from the repository root."""
+    readme = (repo / "README.md").read_text()
+    example = readme.split("```python\n", 1)[1].split("```", 1)[0]
+    out = run(["python", "-c", example], repo, env)
+    lines = out.splitlines()
+    assert any(line.startswith("[") and ("male" in line) for line in lines), out
+    assert sum(".jpg {" in line or ".jpg None" in line for line in lines) == 3, out
+    assert "(1, 2) (1, 101)" in lines, out
+
+
 def test_repro_rerun_experiment_and_mlflow(repo):
     repo, env = repo
     set_params(repo, TINY)
@@ -111,6 +122,7 @@ def test_repro_rerun_experiment_and_mlflow(repo):
     assert json.loads((repo / "metrics/external.json").read_text()) == {"sets": {}}
     assert "evaluate_external: no sets configured" in out
     check_predict_on_crops_agrees_with_evaluate(repo, env)
+    check_the_readmes_python_example_runs(repo, env)
 
     again = run(["dvc", "repro"], repo, env)
     assert "Running stage" not in again
