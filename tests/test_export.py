@@ -257,7 +257,7 @@ def test_float32_model_of_a_mixed_precision_model():
 EXPORT_IN_A_FRESH_PROCESS = """
 import sys
 import keras
-from agegender.stages.export import export_saved_model
+from agegender.exporters import export_saved_model
 
 keras.utils.set_random_seed(0)
 inputs = keras.Input((16,))
@@ -290,7 +290,7 @@ def test_the_saved_model_is_the_same_bytes_every_time(tmp_path):
 ONNX_IN_A_FRESH_PROCESS = """
 import sys
 from agegender.model import load_model
-from agegender.stages.export import export_onnx
+from agegender.exporters import export_onnx
 
 model = load_model(sys.argv[1])
 for copy in sys.argv[2:]:

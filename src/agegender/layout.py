@@ -22,6 +22,7 @@ TRAIN_BACKUP = Path("data/train_backup")  # not a DVC output, so it survives a k
 MODEL = Path("models/model.keras")
 SAVED_MODEL = Path("models/saved_model")
 TFLITE = Path("models/model.tflite")
+ONNX = Path("models/model.onnx")
 
 HISTORY = Path("metrics/train_history.csv")
 PREDICTIONS = Path("metrics/predictions.csv")
