@@ -290,3 +290,41 @@ def readable(outputs, bins):
 def crop_box(crop, margin):
     """Where the face lies in a crop that carries `margin` around it, as integer pixels."""
     return clip_box(face_box_in_crop(*crop.size, margin), *crop.size)
+
+
+def add_model_options(parser):
+    """--model, --params and --weights, as every tool that loads a Predictor takes them."""
+    parser.add_argument("--model", type=Path, default=MODEL, help=f"the model (default {MODEL})")
+    parser.add_argument(
+        "--params",
+        type=Path,
+        default=PARAMS,
+        help="the params.yaml of the model: crop.margin, crop.size, evaluate.age_bins",
+    )
+    parser.add_argument(
+        "--weights",
+        type=Path,
+        default=WEIGHTS,
+        help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS})",
+    )
+
+
+def predictor_of_options(args, batch_size=32):
+    """The Predictor the options name, or one paragraph naming the option that fixes what is
+    missing."""
+    if not args.params.is_file():
+        raise PipelineError(
+            f"{args.params} not found: the tool reads crop.margin, crop.size and "
+            "evaluate.age_bins from the params.yaml the model was trained with. Run it from the "
+            "repository root, or pass --params with that file's path."
+        )
+    hint = (
+        f"train one with `dvc repro train` (it writes {MODEL}), "
+        "or pass --model with the path of a saved .keras model"
+    )
+    try:
+        return Predictor.load(args.model, args.params, args.weights, batch_size, hint=hint)
+    except PipelineError as error:
+        if "dlib" not in str(error):
+            raise
+        raise PipelineError(f"{error} The tool takes that folder from --weights.") from None

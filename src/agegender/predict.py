@@ -24,10 +24,15 @@ from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from agegender.errors import PipelineError, exits_cleanly
+from agegender.errors import exits_cleanly
 from agegender.images import ImageSkip
-from agegender.inference import ANSWER_FIELDS, Predictor, as_photo, crop_box
-from agegender.layout import MODEL, PARAMS, WEIGHTS
+from agegender.inference import (
+    ANSWER_FIELDS,
+    add_model_options,
+    as_photo,
+    crop_box,
+    predictor_of_options,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
 FIELDS = ["file", "face", "x1", "y1", "x2", "y2", "confidence", *ANSWER_FIELDS]
@@ -128,19 +133,7 @@ def parse_args(argv):
         help="with --crops: share of the face box each crop carries on each side (the "
         "*_crop archives: 0.4; a tight detector box: 0); default: the training crops' margin",
     )
-    parser.add_argument("--model", type=Path, default=MODEL, help=f"the model (default {MODEL})")
-    parser.add_argument(
-        "--params",
-        type=Path,
-        default=PARAMS,
-        help="the params.yaml of the model: crop.margin, crop.size, evaluate.age_bins",
-    )
-    parser.add_argument(
-        "--weights",
-        type=Path,
-        default=WEIGHTS,
-        help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS})",
-    )
+    add_model_options(parser)
     parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
     parser.add_argument(
         "--annotate", type=Path, metavar="DIR", help="write each image with boxes and labels"
@@ -156,26 +149,6 @@ def positive(text):
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
-
-
-def load_predictor(args):
-    """The predictor, or one paragraph naming the option that fixes what is missing."""
-    if not args.params.is_file():
-        raise PipelineError(
-            f"{args.params} not found: predict reads crop.margin, crop.size and "
-            "evaluate.age_bins from the params.yaml the model was trained with. Run it from the "
-            "repository root, or pass --params with that file's path."
-        )
-    hint = (
-        f"train one with `dvc repro train` (it writes {MODEL}), "
-        "or pass --model with the path of a saved .keras model"
-    )
-    try:
-        return Predictor.load(args.model, args.params, args.weights, args.batch_size, hint=hint)
-    except PipelineError as error:
-        if "dlib" not in str(error):
-            raise
-        raise PipelineError(f"{error} Predict takes that folder from --weights.") from None
 
 
 def photo_answers(predictor, image, file, report):
@@ -208,7 +181,7 @@ def crop_answers(predictor, images, files, margin, report):
 @exits_cleanly
 def main(argv=None):
     args = parse_args(argv)
-    predictor = load_predictor(args)
+    predictor = predictor_of_options(args, args.batch_size)
     files = image_files(args.paths)
     writer = Writer(args.format, sys.stdout)
 

@@ -25,13 +25,12 @@ import time
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
-from pathlib import Path
 from urllib.parse import urlsplit
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 from agegender.errors import PipelineError, exits_cleanly
-from agegender.layout import MODEL, PARAMS, WEIGHTS
+from agegender.inference import add_model_options, predictor_of_options
 
 ACCEPTED = "a JPEG, PNG, WebP, BMP, GIF or TIFF photo (any image Pillow decodes)"
 PAGE_CSP = (
@@ -258,21 +257,7 @@ def parse_args(argv):
         help="address to listen on (default 127.0.0.1: this machine only; the page has no login)",
     )
     parser.add_argument("--port", type=int, default=8000, help="port (default 8000; 0: any free)")
-    parser.add_argument(
-        "--model", type=Path, default=MODEL, help=f"the saved model (default {MODEL})"
-    )
-    parser.add_argument(
-        "--params",
-        type=Path,
-        default=PARAMS,
-        help="the params.yaml the model was trained with (default params.yaml)",
-    )
-    parser.add_argument(
-        "--weights",
-        type=Path,
-        default=WEIGHTS,
-        help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS})",
-    )
+    add_model_options(parser)
     parser.add_argument(
         "--max-upload-mb",
         type=positive_mb,
@@ -296,13 +281,7 @@ def open_server(predictor, host, port, max_upload_bytes):
 @exits_cleanly
 def main(argv=None):
     args = parse_args(argv)
-    from agegender.inference import Predictor
-
-    hint = (
-        f"train one with `dvc repro train` (it writes {MODEL}), "
-        "or pass --model with the path of a saved .keras model"
-    )
-    predictor = Predictor.load(args.model, params=args.params, weights_dir=args.weights, hint=hint)
+    predictor = predictor_of_options(args)
     server = open_server(predictor, args.host, args.port, int(args.max_upload_mb * 2**20))
     if not server.server_address[0].startswith("127.") and server.server_address[0] != "::1":
         print(
