@@ -184,3 +184,19 @@ def face_models(tmp_path_factory):
     for name, _ in MODEL_FILES.values():
         (target / name).symlink_to(source / name)
     return target
+
+
+@pytest.fixture(scope="session")
+def tiny_image_model(tmp_path_factory):
+    """A saved tiny model (VGG16 at 32 px, untrained) and a params.yaml cropping at 32 px with
+    the default age bins: what predict and the web page load, in a second."""
+    from agegender.model import build_networks
+
+    root = tmp_path_factory.mktemp("tiny-image-model")
+    build_networks(32, head_units=(8,), trainable_layers=0).image_model.save(root / "model.keras")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["crop"]["size"] = 32
+    params["train"]["input_size"] = 32
+    params["evaluate"]["age_bins"] = [0, 10, 20, 30, 40, 50, 60]
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    return root

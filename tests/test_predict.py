@@ -13,7 +13,6 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 
 from agegender.images import load_rgb, resize_whole
@@ -27,19 +26,8 @@ BINS = [0, 10, 20, 30, 40, 50, 60]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A saved tiny model (VGG16 at 32 px, untrained) and a params.yaml cropping at 32 px."""
-    from agegender.model import build_networks
-
-    root = tmp_path_factory.mktemp("predict")
-    model = root / "model.keras"
-    build_networks(32, head_units=(8,), trainable_layers=0).image_model.save(model)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["crop"]["size"] = 32
-    params["train"]["input_size"] = 32
-    params["evaluate"]["age_bins"] = BINS
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return root
+def setup(tiny_image_model):
+    return tiny_image_model
 
 
 def predict(setup, capsys, *args):

@@ -15,7 +15,6 @@ from pathlib import Path
 
 import matplotlib
 import pytest
-import yaml
 from PIL import Image
 
 from agegender.metrics import bin_labels
@@ -29,18 +28,8 @@ LABEL = re.compile(r"#0 (male|female) [01]\.\d\d, age \d{1,3}\.\d \((\d+-\d+|\d+
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A saved tiny model (VGG16 at 32 px, untrained) and a params.yaml cropping at 32 px."""
-    from agegender.model import build_networks
-
-    root = tmp_path_factory.mktemp("web")
-    build_networks(32, head_units=(8,), trainable_layers=0).image_model.save(root / "model.keras")
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["crop"]["size"] = 32
-    params["train"]["input_size"] = 32
-    params["evaluate"]["age_bins"] = BINS
-    (root / "params.yaml").write_text(yaml.safe_dump(params))
-    return root
+def setup(tiny_image_model):
+    return tiny_image_model
 
 
 @pytest.fixture(scope="module")
