@@ -155,16 +155,21 @@ class Predictor:
         batch_size=32,
         workers=1,
         hint="run `dvc repro train`",
+        weights_hint="",
     ):
         """The model at `model_path`, framed and binned as `params` (params.yaml or its dict)
-        says; a dlib_resnet model also loads dlib's files from `weights_dir`."""
+        says; a dlib_resnet model also loads dlib's files from `weights_dir`. `hint` and
+        `weights_hint` end the messages of a missing model and of missing dlib files."""
         settings = settings_of(params)
         model = open_model(model_path, hint)
         encoder = None
         if takes_descriptors(model):
             from agegender.face_descriptor import FaceEncoder
 
-            encoder = FaceEncoder(weights_dir, settings["face_margin"], workers=workers)
+            try:
+                encoder = FaceEncoder(weights_dir, settings["face_margin"], workers=workers)
+            except PipelineError as error:
+                raise PipelineError(f"{error} {weights_hint}".strip()) from None
         return cls(model, encoder, batch_size=batch_size, **settings)
 
     def faces(self, photo, min_face_size=20):
@@ -322,9 +327,11 @@ def predictor_of_options(args, batch_size=32):
         f"train one with `dvc repro train` (it writes {MODEL}), "
         "or pass --model with the path of a saved .keras model"
     )
-    try:
-        return Predictor.load(args.model, args.params, args.weights, batch_size, hint=hint)
-    except PipelineError as error:
-        if "dlib" not in str(error):
-            raise
-        raise PipelineError(f"{error} The tool takes that folder from --weights.") from None
+    return Predictor.load(
+        args.model,
+        args.params,
+        args.weights,
+        batch_size,
+        hint=hint,
+        weights_hint="The tool takes that folder from --weights.",
+    )

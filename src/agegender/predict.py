@@ -165,8 +165,8 @@ def photo_answers(predictor, image, file, report):
 
 def crop_answers(predictor, images, files, margin, report):
     """The answer list of each crop (empty: reported), the whole batch in one model call."""
+    answers = predictor.crops(images, margin)
     margin = predictor.face_margin if margin is None else margin
-    answers = predictor.answers([predictor.framed(image, margin) for image in images])
     results = []
     for image, file, answer in zip(images, files, answers):
         if answer is None:
