@@ -209,6 +209,8 @@ def test_queued_experiments_each_get_a_parent_run(repo):
     shown = run(["dvc", "exp", "show", "--csv"], repo, env)
     assert all(name in shown for name in names)
     parents, children = children_by_parent(mlflow_runs(repo))
+    exp_names = [parent.data.tags.get("dvc.exp_name") for parent in parents.values()]
+    assert sorted(exp_names, key=str) == sorted([None, *names], key=str)  # one parent each
     by_name = {parent.data.tags.get("dvc.exp_name"): run_id for run_id, parent in parents.items()}
     for name in names:
         assert sorted(children[by_name[name]]) == AFTER_TRAINING

@@ -84,6 +84,20 @@ def test_pipeline_key_tells_queued_experiments_apart(monkeypatch):
     assert pipeline_key() != first and pipeline_key().startswith("second:")
 
 
+def test_pipeline_key_survives_a_clock_adjustment(monkeypatch):
+    """NTP moving the wall clock moves Linux's boot time by as much; the key must not follow,
+    or the stages after the adjustment start a second parent run (seen in CI: a queued
+    experiment's train stage under one parent, its evaluate and export under another)."""
+    import psutil
+
+    before = pipeline_key()
+    shifted = psutil.boot_time() + 1.0
+    monkeypatch.setattr(psutil, "boot_time", lambda: shifted)
+    if sys.platform.startswith("linux"):
+        monkeypatch.setattr(psutil._pslinux, "boot_time", lambda: shifted)
+    assert pipeline_key() == before
+
+
 @pytest.fixture
 def mlflow_env(no_env, tmp_path, tracking_uri):
     """The session's MLflow store, a fresh experiment per test."""

@@ -32,7 +32,11 @@ def tracking_uri():
 
 def pipeline_key():
     """Same for every stage that one `dvc repro`/`dvc exp run` process starts; a queue worker
-    that runs several experiments in turn tells them apart by the experiment's name."""
+    that runs several experiments in turn tells them apart by the experiment's name.
+
+    The ancestor's start is counted from boot: Linux recomputes the boot time from the wall
+    clock on every read, so psutil's start time moves whenever NTP adjusts the clock, and a
+    later stage would start a second parent run."""
     process = psutil.Process()
     owner = process
     for ancestor in process.parents():
@@ -43,7 +47,17 @@ def pipeline_key():
         if "dvc" in Path(command.split(" ")[0]).name or " -m dvc" in command or "/dvc " in command:
             owner = ancestor
             break
-    return f"{os.environ.get('DVC_EXP_NAME', '')}:{owner.pid}-{owner.create_time():.0f}"
+    return f"{os.environ.get('DVC_EXP_NAME', '')}:{owner.pid}-{start_since_boot(owner)}"
+
+
+def start_since_boot(process):
+    """The process's start in clock ticks since boot (Linux), which no clock change moves;
+    where there is no /proc, the start time the system recorded."""
+    try:
+        stat = Path(f"/proc/{process.pid}/stat").read_text()
+    except OSError:
+        return f"{process.create_time():.0f}"
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def git_commit():
