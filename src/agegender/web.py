@@ -64,6 +64,8 @@ def describe(body, content_type):
 
 def decode_upload(body, content_type, max_upload_bytes):
     """The photo in the body as an RGB image, decoded in memory the way the pipeline decodes."""
+    from PIL import Image
+
     from agegender.images import ImageSkip, load_rgb
 
     if not body:
@@ -74,8 +76,8 @@ def decode_upload(body, content_type, max_upload_bytes):
         if skip.reason == "too_large":
             raise BadRequest(
                 HTTPStatus.REQUEST_ENTITY_TOO_LARGE,
-                "the image has too many pixels to decode safely (over 40 megapixels): "
-                "send a smaller photo",
+                "the image has too many pixels to decode safely "
+                f"(over {Image.MAX_IMAGE_PIXELS / 1e6:g} megapixels): send a smaller photo",
             ) from None
         hint = ""
         if (content_type or "").startswith("multipart/"):
