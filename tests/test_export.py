@@ -6,8 +6,10 @@ import os
 import shutil
 import subprocess
 import sys
+import textwrap
 import uuid
 import warnings
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -15,17 +17,17 @@ import onnxruntime
 import pandas as pd
 import pytest
 import tensorflow as tf
+from conftest import REPO
 
 from agegender import serving
-from agegender.features import save_features
-from agegender.layout import CROP_IMAGES, FEATURES, STAGE_METRICS, WEIGHTS, split_table
+from agegender.layout import CROP_IMAGES, STAGE_METRICS, WEIGHTS, split_table
 from agegender.model import build_networks, load_model
 from agegender.serving import float32_model
 from agegender.stages import export
 
 SIZE = 32
 TEST_CROPS = 3  # fewer than CHECK_INPUTS: the check takes the test faces there are
-TEST_DESCRIPTORS = 5
+TEST_FACES = 5
 
 
 @pytest.fixture(scope="module")
@@ -36,16 +38,6 @@ def tiny_model(tmp_path_factory):
     build_networks(
         SIZE, head_units=(8,), trainable_layers=0, flip=True, brightness=0.1
     ).image_model.save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def descriptor_model(tmp_path_factory):
-    """Heads on dlib descriptors, standardized on descriptor-sized numbers, untrained."""
-    path = tmp_path_factory.mktemp("export-descriptor-model") / "model.keras"
-    networks = build_networks(SIZE, backbone="dlib_resnet", head_units=(16, 8), seed=1)
-    networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.1, (50, 128)).astype("float32"))
-    networks.image_model.save(path)
     return path
 
 
@@ -62,30 +54,32 @@ def scratch_project(project, model):
 def exported(project, tiny_model, sample_dir):
     """The image model, with the bundled sample's first real face crops as the test split."""
     params = scratch_project(project, tiny_model)
-    faces = sorted((sample_dir / "90").glob("*.jpg"))[:TEST_CROPS]
+    add_test_crops(sample_dir, TEST_CROPS)
+    return params
+
+
+@pytest.fixture
+def chip_project(project, chip_model, face_models, sample_dir):
+    """The chip model (dlib's face network inside), real test crops, and the landmark model
+    that cuts their chips (the registered model carries it too)."""
+    params = scratch_project(project, chip_model)
+    add_test_crops(sample_dir, TEST_FACES)
+    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
+    WEIGHTS.symlink_to(face_models)
+    return params
+
+
+def add_test_crops(sample_dir, count):
+    faces = sorted((sample_dir / "90").glob("*.jpg"))[:count]
     names = [f"90/{face.name}" for face in faces]
     for face, name in zip(faces, names):
         (CROP_IMAGES / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(face, CROP_IMAGES / name)
     split_table("test").parent.mkdir(parents=True)
-    pd.DataFrame({"full_path": names, "gender": [0, 1, 1], "age": [30, 41, 7]}).to_csv(
-        split_table("test"), index=False
-    )
-    return params
-
-
-@pytest.fixture
-def descriptor_project(project, descriptor_model, face_models):
-    """The descriptor model, with cached test descriptors (a face's and its mirror's) and the
-    dlib files the registered model carries."""
-    params = scratch_project(project, descriptor_model)
-    rng = np.random.default_rng(5)
-    for name in ("test", "test_flipped"):
-        rows = rng.normal(0, 0.1, (TEST_DESCRIPTORS, 128)).astype(np.float32)
-        save_features(FEATURES, name, rows, exact=True)
-    WEIGHTS.parent.mkdir(parents=True, exist_ok=True)
-    WEIGHTS.symlink_to(face_models)
-    return params
+    rng = np.random.default_rng(0)
+    pd.DataFrame(
+        {"full_path": names, "gender": rng.integers(0, 2, count), "age": rng.integers(1, 90, count)}
+    ).to_csv(split_table("test"), index=False)
 
 
 def onnx_session(path, input_name):
@@ -130,7 +124,7 @@ def test_export_writes_saved_model_tflite_and_onnx_that_match_keras(exported):
     # ONNX in onnxruntime against Keras, on the test crops and on a batch of another size
     model = load_model(export.MODEL)
     session = onnx_session(export.ONNX, "image")
-    crops, _ = export.check_inputs(model)
+    crops, _ = export.check_inputs(model, 0.4)
     assert crops.shape == (TEST_CROPS, SIZE, SIZE, 3) and crops.std() > 10  # decoded faces
     for inputs in (crops, crops[:1]):
         expected, got = model.predict(inputs, verbose=0), onnx_outputs(session, inputs)
@@ -175,32 +169,48 @@ def test_export_writes_saved_model_tflite_and_onnx_that_match_keras(exported):
     assert [a.path for a in client.list_artifacts(run.info.run_id, "onnx")] == ["onnx/model.onnx"]
 
 
-def test_a_descriptor_model_is_checked_on_the_cached_test_descriptors(descriptor_project):
+def test_a_chip_model_is_exported_whole_and_checked_on_real_test_chips(chip_project):
     export.main()
 
     metrics = json.loads(STAGE_METRICS["export"].read_text())
-    assert metrics["check_inputs"] == "test descriptors and their mirrors'"
-    assert metrics["check_count"] == TEST_DESCRIPTORS
+    assert metrics["check_inputs"] == "test chips"
+    assert metrics["check_count"] == TEST_FACES
     for fmt in ("onnx", "tflite", "saved_model"):
         assert max(metrics["max_abs_diff"][fmt].values()) < 1e-4
     model = load_model(export.MODEL)
-    pairs, _ = export.check_inputs(model)
-    face, mirror = (np.load(FEATURES / f"{name}.npy") for name in ("test", "test_flipped"))
-    np.testing.assert_array_equal(pairs, np.stack([face, mirror], axis=1))
+    chips, _ = export.check_inputs(model, 0.4)
+    assert chips.shape == (TEST_FACES, 150, 150, 3) and chips.std() > 10  # real faces
 
-    session = onnx_session(export.ONNX, "descriptor_and_mirror")
-    expected = model.predict(pairs, verbose=0)
-    got = dict(zip(["gender", "age"], session.run(None, {"descriptor_and_mirror": pairs})))
+    # the ONNX file alone answers for chips as Keras does: the face network is inside
+    session = onnx_session(export.ONNX, "chip")
+    expected = model.predict(chips, verbose=0)
+    got = dict(zip(["gender", "age"], session.run(["gender", "age"], {"chip": chips})))
     for task in ("gender", "age"):
         np.testing.assert_allclose(got[task], expected[task], atol=1e-4)
-    # both descriptors of a pair reach the heads: the mirror's moves the answer
-    alone = session.run(None, {"descriptor_and_mirror": np.stack([face, face], axis=1)})
-    assert np.abs(alone[1] - got["age"]).max() > 1e-4
+    # a face and its mirror image are averaged inside: the mirrored chips get the same answer
+    mirrored = session.run(["gender", "age"], {"chip": np.ascontiguousarray(chips[:, :, ::-1])})
+    np.testing.assert_allclose(mirrored[1], got["age"], atol=1e-5)
+    assert np.abs(got["age"] - got["age"][::-1]).max() > 1e-4  # and faces differ
 
 
-def test_an_export_that_disagrees_with_keras_fails_the_stage(
-    descriptor_project, monkeypatch, capsys
-):
+def test_the_readmes_onnx_example_runs_on_a_real_photo(chip_project, capsys):
+    """The README's ONNX block as written (dlib cuts the chip, onnxruntime alone answers), on
+    Grace Hopper's photo as `face.jpg`."""
+    import matplotlib
+
+    export.main()
+    photo = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    shutil.copy(photo, "face.jpg")
+    readme = (REPO / "README.md").read_text()
+    example = readme.split("    import dlib, numpy as np, onnxruntime\n", 1)[1]
+    example = "import dlib, numpy as np, onnxruntime\n" + example.split("\n\n", 1)[0]
+    capsys.readouterr()
+    exec(textwrap.dedent(example.replace("\n    ", "\n")), {})
+    gender, age = capsys.readouterr().out.split()
+    assert gender in ("female", "male") and 0 <= float(age) <= 100
+
+
+def test_an_export_that_disagrees_with_keras_fails_the_stage(chip_project, monkeypatch, capsys):
     predict = export.onnx_predict
 
     def off(*args):
@@ -298,7 +308,7 @@ for copy in sys.argv[2:]:
 """
 
 
-def test_the_onnx_file_is_the_same_bytes_every_time(tmp_path, descriptor_model):
+def test_the_onnx_file_is_the_same_bytes_every_time(tmp_path, chip_model):
     """tf2onnx names what it makes from a counter that runs on within a process, and picks one
     of equal weights (the heads' own, read for the face and for its mirror) by the order of a
     set of strings, which changes with each process's hash seed."""
@@ -306,7 +316,7 @@ def test_the_onnx_file_is_the_same_bytes_every_time(tmp_path, descriptor_model):
     copies = [tmp_path / f"{run}-{index}.onnx" for run in ("first", "second") for index in (1, 2)]
     for run in (copies[:2], copies[2:]):
         subprocess.run(
-            [sys.executable, "-c", ONNX_IN_A_FRESH_PROCESS, str(descriptor_model), *map(str, run)],
+            [sys.executable, "-c", ONNX_IN_A_FRESH_PROCESS, str(chip_model), *map(str, run)],
             check=True,
             capture_output=True,
             env=env,

@@ -1,6 +1,6 @@
 """agegender.external and the evaluate_external stage: UTKFace names and CSV rows parsed (bad ones
 counted, not fatal), params checked, figures computed by hand, the report text; the stage end to
-end on real faces with a tiny image model and a tiny dlib-descriptor model, and on real UTKFace
+end on real faces with a tiny image model and a dlib_resnet model (chips), and on real UTKFace
 faces when ../shared has them."""
 
 import json
@@ -370,15 +370,6 @@ def tiny_image_model(tmp_path_factory):
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_descriptor_model(tmp_path_factory):
-    from agegender.model import build_networks
-
-    path = tmp_path_factory.mktemp("external") / "model.keras"
-    build_networks(input_size=64, backbone="dlib_resnet", head_units=[8]).image_model.save(path)
-    return path
-
-
 def sample_faces(sample_dir, count, start=0):
     """Real wiki_crop faces (0.4 margin), with the age their names give
     (<id>_<born>_<photo year>.jpg)."""
@@ -578,7 +569,7 @@ def dlib_weights(folder):
         (folder / name).symlink_to(models / name)
 
 
-def test_stage_with_a_descriptor_model(project, tiny_descriptor_model, sample_dir):
+def test_stage_with_a_chip_model(project, chip_model, sample_dir):
     faces = sample_faces(sample_dir, 6, start=20)
     utkface_folder(Path("sets/utk"), faces)
     Path("sets/utk/2_0_0_20170116000000001.jpg.chip.jpg").write_bytes(
@@ -596,7 +587,7 @@ def test_stage_with_a_descriptor_model(project, tiny_descriptor_model, sample_di
         }
     )
     Path("models").mkdir()
-    shutil.copy(tiny_descriptor_model, "models/model.keras")
+    shutil.copy(chip_model, "models/model.keras")
     dlib_weights(Path("data/weights"))
     stage.main()
     utk = json.loads(Path("metrics/external.json").read_text())["sets"]["utk"]
@@ -611,7 +602,7 @@ def test_stage_with_a_descriptor_model(project, tiny_descriptor_model, sample_di
 
 
 @pytest.mark.skipif(not UTKFACE.is_dir(), reason=f"real UTKFace faces not found at {UTKFACE}")
-def test_real_utkface_faces(project, tiny_descriptor_model):
+def test_real_utkface_faces(project, chip_model):
     """All real names parse as the dataset documents them; an even sample of the real tight faces,
     re-framed from margin 0 (the utkface default), gives dlib landmarks."""
     table, bad = external.utkface_records(UTKFACE)
@@ -628,7 +619,7 @@ def test_real_utkface_faces(project, tiny_descriptor_model):
         (subset / name).symlink_to(UTKFACE / name)
     project(external={"sets": [{"name": "utkface", "format": "utkface", "path": "utk"}]})
     Path("models").mkdir()
-    shutil.copy(tiny_descriptor_model, "models/model.keras")
+    shutil.copy(chip_model, "models/model.keras")
     dlib_weights(Path("data/weights"))
     stage.main()
     utk = json.loads(Path("metrics/external.json").read_text())["sets"]["utkface"]

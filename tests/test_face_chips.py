@@ -1,6 +1,6 @@
-"""dlib's face-recognition network on real faces of the bundled sample: the files are checked,
-descriptors are deterministic and carry who the face is and its gender; what is not a face
-is counted, not encoded."""
+"""Aligned face chips cut from real faces of the bundled sample: the files are checked, chips
+are deterministic over any number of processes, and carry who the face is and its gender (through
+dlib's face network in Keras); what is not a face is counted, not cut."""
 
 import shutil
 
@@ -9,13 +9,13 @@ import pytest
 from PIL import Image
 
 from agegender.errors import PipelineError
-from agegender.face_descriptor import (
-    DESCRIPTOR_SIZE,
+from agegender.face_chips import (
+    CHIP_SIZE,
     MODEL_FILES,
-    FaceEncoder,
+    ChipCutter,
     check_model_files,
+    chip_batches,
     crop_face_margin,
-    encode_files,
     landmarks_plausible,
 )
 from agegender.imdbwiki import read_mat
@@ -34,6 +34,11 @@ def labelled_faces(sample_dir):
     return records.assign(path=[sample_dir / path for path in records["full_path"]])
 
 
+def chips_of_files(paths, face_models, workers, chunk=64):
+    parts = list(chip_batches(paths, face_models, 0.4, workers=workers, chunk=chunk))
+    return np.concatenate([c for c, _ in parts]), np.concatenate([u for _, u in parts])
+
+
 def test_missing_file_names_it_and_the_fix(tmp_path):
     with pytest.raises(
         PipelineError, match="shape_predictor_5_face_landmarks.dat is missing.*download_weights"
@@ -44,12 +49,19 @@ def test_missing_file_names_it_and_the_fix(tmp_path):
 def test_corrupt_file_is_refused(tmp_path, face_models):
     for name, _ in MODEL_FILES.values():
         shutil.copy(face_models / name, tmp_path / name)
-    descriptor = tmp_path / MODEL_FILES["descriptor"][0]
-    descriptor.write_bytes(descriptor.read_bytes()[:1000])
-    with pytest.raises(PipelineError, match="dlib_face_recognition_resnet_model_v1.dat is corrupt"):
+    landmarks = tmp_path / MODEL_FILES["landmarks"][0]
+    landmarks.write_bytes(landmarks.read_bytes()[:1000])
+    with pytest.raises(PipelineError, match="shape_predictor_5_face_landmarks.dat is corrupt"):
         check_model_files(tmp_path)
     with pytest.raises(PipelineError, match="corrupt"):
-        FaceEncoder(tmp_path, 0.4)
+        ChipCutter(tmp_path, 0.4)
+
+
+def test_cutting_chips_needs_the_landmark_model_alone(tmp_path, face_models):
+    name = MODEL_FILES["landmarks"][0]
+    shutil.copy(face_models / name, tmp_path / name)
+    chips, usable = ChipCutter(tmp_path, 0.4).chips([Image.new("RGB", (64, 64))])
+    assert chips.shape == (1, CHIP_SIZE, CHIP_SIZE, 3) and not usable[0]
 
 
 def test_plausible_landmarks():
@@ -67,62 +79,49 @@ def test_face_margin_follows_the_crop_method():
     assert crop_face_margin({"method": "none", "margin": 0.3, "source_margin": 0.4}) == 0.4
 
 
-def test_blank_image_has_no_landmarks_and_faces_have_descriptors(face_models, labelled_faces):
-    encoder = FaceEncoder(face_models, 0.4)
+def test_blank_image_has_no_landmarks_and_faces_have_chips(face_models, labelled_faces):
+    cutter = ChipCutter(face_models, 0.4)
     faces = [Image.open(path).convert("RGB") for path in labelled_faces["path"][:3]]
-    rows = encoder.encode([Image.new("RGB", (64, 64), (128, 128, 128)), *faces])
-    assert rows.shape == (4, DESCRIPTOR_SIZE) and rows.dtype == np.float32
-    assert np.isnan(rows[0]).all()
-    assert np.isfinite(rows[1:]).all()
-    norms = np.linalg.norm(rows[1:], axis=1)
-    assert ((norms > 0.2) & (norms < 2)).all()
-    pairs = encoder.encode_with_mirror(faces)
-    assert pairs.shape == (3, 2, DESCRIPTOR_SIZE)
-    np.testing.assert_array_equal(pairs[:, 0], rows[1:])
+    chips, usable = cutter.chips([Image.new("RGB", (64, 64), (128, 128, 128)), *faces])
+    assert chips.shape == (4, CHIP_SIZE, CHIP_SIZE, 3) and chips.dtype == np.uint8
+    assert usable.tolist() == [False, True, True, True]
+    assert not chips[0].any() and all(chip.std() > 10 for chip in chips[1:])
 
 
-def test_parallel_encoding_keeps_order_and_values(face_models, labelled_faces):
-    paths = list(labelled_faces["path"][:10])
-    one = encode_files(paths, face_models, 0.4, workers=1, chunk=3)
-    two = encode_files(paths, face_models, 0.4, workers=2, chunk=3)
+def test_parallel_cutting_keeps_order_and_values(face_models, labelled_faces, tmp_path):
+    broken = tmp_path / "broken.jpg"
+    broken.write_bytes(b"not a jpeg")
+    paths = [*labelled_faces["path"][:9], broken]
+    one, usable_one = chips_of_files(paths, face_models, workers=1, chunk=3)
+    two, usable_two = chips_of_files(paths, face_models, workers=2, chunk=3)
     np.testing.assert_array_equal(one, two)
-    mirrored = encode_files(paths, face_models, 0.4, flip=True, workers=1)
-    # a mirror image is the same person: closer to its original than to other people's faces
-    same = np.linalg.norm(one - mirrored, axis=1)
-    others = np.linalg.norm(one[:, None] - one[None], axis=2)[~np.eye(len(one), dtype=bool)]
-    assert np.median(same) < 0.6 * np.median(others)
-    assert np.median(same) < 0.6  # dlib's own same-person threshold
+    np.testing.assert_array_equal(usable_one, usable_two)
+    assert usable_one[:9].all() and not usable_one[9]  # unreadable: counted as no landmarks
+    faces = [Image.open(path).convert("RGB") for path in paths[:9]]
+    shared = ChipCutter(face_models, 0.4, workers=2)
+    np.testing.assert_array_equal(shared.chips(faces)[0], one[:9])
+    np.testing.assert_array_equal(shared.chips(faces[:1])[0], one[:1])  # the pool is reused
+    shared.pool.shutdown()
 
 
-def test_descriptors_carry_gender(face_models, labelled_faces):
-    """A network that knows faces: a linear model on 160 real faces' descriptors tells the
-    gender of 80 other people well above the majority share."""
+def test_chips_carry_gender_through_the_face_network(face_models, labelled_faces):
+    """A network that knows faces: a linear model on 160 real faces' descriptors (dlib's
+    network in Keras, on the chips cut here) tells the gender of 80 other people well above the
+    majority share."""
     from sklearn.linear_model import LogisticRegression
 
+    from agegender.face_network import face_network
+
     faces = labelled_faces.head(240)
-    rows = encode_files(list(faces["path"]), face_models, 0.4, workers=2)
-    train, test = slice(0, 160), slice(160, 240)
+    chips, usable = chips_of_files(list(faces["path"]), face_models, workers=2)
+    network = face_network(face_models / MODEL_FILES["descriptor"][0])
+    rows = np.concatenate(
+        [network.predict_on_batch(chips[i : i + 64].astype(np.float32)) for i in range(0, 240, 64)]
+    )
     gender = faces["gender"].to_numpy()
+    train, test = np.arange(240) < 160, np.arange(240) >= 160
+    train, test = train & usable, test & usable
     model = LogisticRegression(max_iter=1000).fit(rows[train], gender[train])
     accuracy = (model.predict(rows[test]) == gender[test]).mean()
     majority = max(gender[test].mean(), 1 - gender[test].mean())
     assert accuracy >= 0.85 and accuracy > majority + 0.1, (accuracy, majority)
-
-
-def test_unreadable_file_counts_as_no_landmarks(face_models, labelled_faces, tmp_path):
-    broken = tmp_path / "broken.jpg"
-    broken.write_bytes(b"not a jpeg")
-    rows = encode_files([labelled_faces["path"][0], broken], face_models, 0.4, workers=1)
-    assert np.isfinite(rows[0]).all() and np.isnan(rows[1]).all()
-
-
-def test_encoding_with_workers_gives_what_one_process_gives(face_models, labelled_faces):
-    faces = [Image.open(path).convert("RGB") for path in labelled_faces["path"][:5]]
-    faces.append(Image.new("RGB", (64, 64), (128, 128, 128)))
-    alone = FaceEncoder(face_models, 0.4).encode_with_mirror(faces)
-    shared = FaceEncoder(face_models, 0.4, workers=2)
-    np.testing.assert_array_equal(shared.encode_with_mirror(faces), alone)
-    # the pool is reused
-    np.testing.assert_array_equal(shared.encode_with_mirror(faces[:1]), alone[:1])
-    assert np.isnan(alone[5]).all() and np.isfinite(alone[:5]).all()
-    shared.pool.shutdown()

@@ -1,14 +1,13 @@
-"""The inference core: both kinds of model, real faces, faces without landmarks, clear errors."""
+"""The inference core: image and chip models, real faces, faces without landmarks, clear errors."""
 
 import os
 
-import keras
 import numpy as np
 import pytest
 from PIL import Image
 
 from agegender.errors import PipelineError
-from agegender.face_descriptor import FaceEncoder
+from agegender.face_chips import ChipCutter
 from agegender.inference import (
     GENDERS,
     Predictor,
@@ -16,7 +15,7 @@ from agegender.inference import (
     crop_box,
     open_model,
     readable,
-    takes_descriptors,
+    takes_chips,
 )
 from agegender.model import build_networks
 
@@ -28,40 +27,30 @@ PARAMS = {
 }
 
 
-@pytest.fixture(scope="module")
-def descriptor_model(tmp_path_factory):
-    keras.utils.set_random_seed(0)
-    networks = build_networks(64, backbone="dlib_resnet", head_units=(16, 8))
-    networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.1, (50, 128)).astype(np.float32))
-    path = tmp_path_factory.mktemp("model") / "model.keras"
-    networks.image_model.save(path)
-    return path
-
-
 @pytest.fixture
 def crops(sample_dir):
     paths = sorted((sample_dir / "90").glob("*.jpg"))[:5]
     return [Image.open(path).convert("RGB") for path in paths]
 
 
-def test_the_saved_descriptor_model_averages_a_face_and_its_mirror(descriptor_model):
-    model = open_model(descriptor_model)
-    assert takes_descriptors(model) and model.input_shape == (None, 2, 128)
-    head = model.get_layer("head")
-    pair = np.random.default_rng(1).normal(0, 0.1, (3, 2, 128)).astype(np.float32)
-    both = model.predict(pair, verbose=0)
-    one, mirror = head.predict(pair[:, 0], verbose=0), head.predict(pair[:, 1], verbose=0)
+def test_the_saved_chip_model_averages_a_face_and_its_mirror(chip_model):
+    model = open_model(chip_model)
+    assert takes_chips(model) and model.input_shape == (None, 150, 150, 3)
+    head, network = model.get_layer("head"), model.get_layer("dlib_resnet")
+    chips = np.random.default_rng(1).uniform(0, 255, (3, 150, 150, 3)).astype(np.float32)
+    both = model.predict(chips, verbose=0)
+    one = head.predict(network.predict(chips, verbose=0), verbose=0)
+    mirror = head.predict(network.predict(chips[:, :, ::-1], verbose=0), verbose=0)
     for task in ("gender", "age"):
         np.testing.assert_allclose(both[task], (one[task] + mirror[task]) / 2, atol=1e-6)
+        assert not np.allclose(one[task], mirror[task], atol=1e-6)  # both sides reach the heads
 
 
-def test_descriptor_model_without_its_dlib_files_says_where_they_go(
-    descriptor_model, tmp_path, crops
-):
-    with pytest.raises(PipelineError, match="needs the dlib model files"):
-        Predictor(open_model(descriptor_model)).crops(crops)
-    with pytest.raises(PipelineError, match="missing.*download_weights"):
-        Predictor.load(descriptor_model, PARAMS, tmp_path)
+def test_chip_model_without_its_landmark_file_says_where_it_goes(chip_model, tmp_path, crops):
+    with pytest.raises(PipelineError, match="needs dlib's landmark model"):
+        Predictor(open_model(chip_model)).crops(crops)
+    with pytest.raises(PipelineError, match="shape_predictor.*missing.*download_weights"):
+        Predictor.load(chip_model, PARAMS, tmp_path)
 
 
 def test_missing_or_broken_model_file(tmp_path):
@@ -72,16 +61,17 @@ def test_missing_or_broken_model_file(tmp_path):
         open_model(tmp_path / "broken.keras")
 
 
-def test_real_faces_through_the_descriptor_model(descriptor_model, face_models, crops):
-    predictor = Predictor.load(descriptor_model, PARAMS, face_models, batch_size=2)
+def test_real_faces_through_the_chip_model(chip_model, face_models, crops):
+    predictor = Predictor.load(chip_model, PARAMS, face_models, batch_size=2)
     blank = Image.new("RGB", (64, 64), (128, 128, 128))
     outputs = predictor.outputs([*crops, blank])
     assert outputs["gender"].shape == (6, 2) and outputs["age"].shape == (6, 101)
     assert np.isfinite(outputs["age"][:5]).all() and np.isnan(outputs["age"][5]).all()
     np.testing.assert_allclose(outputs["age"][:5].sum(axis=1), 1, atol=1e-5)
-    # the same as the network on the descriptors the features stage would cache
-    pairs = FaceEncoder(face_models, 0.4).encode_with_mirror(crops)
-    direct = predictor.model.predict(pairs, verbose=0)
+    # the same as the model on the chips the features stage would cut
+    chips, usable = ChipCutter(face_models, 0.4).chips(crops)
+    assert usable.all()
+    direct = predictor.model.predict(chips.astype(np.float32), verbose=0)
     np.testing.assert_allclose(outputs["age"][:5], direct["age"], atol=1e-6)
     results = predictor.crops([*crops, blank])
     assert results[5] is None and all(result["gender"] in GENDERS for result in results[:5])
@@ -89,8 +79,8 @@ def test_real_faces_through_the_descriptor_model(descriptor_model, face_models, 
 
 def test_image_model_resizes_crops(crops):
     model = build_networks(32, head_units=(8,), trainable_layers=0).image_model
-    predictor = Predictor(model, encoder="ignored for an image model", batch_size=4)
-    assert predictor.encoder is None
+    predictor = Predictor(model, cutter="ignored for an image model", batch_size=4)
+    assert predictor.cutter is None
     outputs = predictor.outputs(crops)
     assert outputs["gender"].shape == (5, 2) and np.isfinite(outputs["gender"]).all()
     assert predictor.outputs([])["age"].shape == (0, 101)

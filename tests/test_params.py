@@ -273,11 +273,11 @@ def test_train_value_ranges(write_params, key, value, message):
         ),
         (
             lambda p: p["train"].update(finetune_epochs=-2),
-            r"'train\.finetune_epochs' must be 0 with model\.backbone dlib",
+            r"'train\.finetune_layers' and train\.finetune_epochs",
         ),
         (
-            lambda p: (p["model"].update(backbone="vgg16"), p["train"].update(finetune_epochs=-2)),
-            r"'train\.finetune_layers' and train\.finetune_epochs",
+            lambda p: p["model"].update(face_features="logits"),
+            r"'model\.face_features' must be descriptor .* or pooled",
         ),
         (lambda p: p["model"].update(face_models=" "), r"'model\.face_models' must be package"),
         (lambda p: p["train"].update(finetune_lr=0), r"'train\.finetune_lr' must be above 0"),

@@ -71,7 +71,7 @@ def children_by_parent(runs):
 
 def check_predict_on_crops_agrees_with_evaluate(repo, env, count=40):
     """`predict --crops` on the pipeline's own test crops gives evaluate's numbers: the same
-    model, the same framing, the same descriptors, so to 1e-5 (both round to that)."""
+    model, the same framing, the same chips, so to 1e-5 (both round to that)."""
     predictions = (repo / "metrics/predictions.csv").read_text()
     table = list(csv.DictReader(io.StringIO(predictions)))[:count]
     paths = [f"data/crops/images/{row['full_path']}" for row in table]

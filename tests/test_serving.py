@@ -3,6 +3,7 @@ on a real photo (Grace Hopper, shipped with matplotlib) with a tiny untrained mo
 
 import base64
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -269,18 +270,17 @@ def test_served_model_uses_its_own_copy_of_the_package(registered, tmp_path):
     assert path.parent.parent.name == "code", path
 
 
-def test_dlib_model_is_served_on_crops_with_its_face_models(
-    tmp_path, tracking_uri, sample_dir, face_models
+def test_dlib_model_is_served_on_crops_with_its_landmark_model(
+    tmp_path, tracking_uri, sample_dir, face_models, chip_model
 ):
-    """A dlib_resnet model logs dlib's files beside the heads, so the served model takes face
-    crops and answers as the inference core does on the same crops."""
+    """A dlib_resnet model logs dlib's landmark model beside the Keras model (the face network
+    is inside it), so the served model takes face crops and answers as the inference core does
+    on the same crops."""
     import mlflow
 
     from agegender.inference import Predictor
 
-    networks = build_networks(64, backbone="dlib_resnet", head_units=(8,))
-    networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.1, (20, 128)).astype(np.float32))
-    networks.image_model.save(tmp_path / "model.keras")
+    shutil.copy(chip_model, tmp_path / "model.keras")
     weights = face_models  # links: the logged model must carry the files themselves
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["age_bins"] = BINS
@@ -292,6 +292,10 @@ def test_dlib_model_is_served_on_crops_with_its_face_models(
         info = log_pyfunc(
             tmp_path / "model.keras", params, registered_name=None, face_models_dir=weights
         )
+    artifacts = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "artifacts"
+    assert sorted(p.name for p in (artifacts / "face_models").iterdir()) == [
+        "shape_predictor_5_face_landmarks.dat"
+    ]
     served = mlflow.pyfunc.load_model(info.model_uri)
     faces = sorted((sample_dir / "91").glob("*.jpg"))[:3]
     result = served.predict(pd.DataFrame({"image": [b64_file(path) for path in faces]}))

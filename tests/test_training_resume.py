@@ -100,17 +100,9 @@ def results(repo):
     from agegender.model import load_model
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    if params["model"]["backbone"] == "dlib_resnet":
-        inputs = np.stack(
-            [
-                np.load(repo / f"data/features/{name}.npy").astype(np.float32)
-                for name in ("test", "test_flipped")
-            ],
-            axis=1,
-        )
-    else:
-        size = params["train"]["input_size"]
-        inputs = np.random.default_rng(0).uniform(0, 255, (16, size, size, 3)).astype(np.float32)
+    chips = params["model"]["backbone"] == "dlib_resnet"  # aligned 150 px face chips
+    size = 150 if chips else params["train"]["input_size"]
+    inputs = np.random.default_rng(0).uniform(0, 255, (16, size, size, 3)).astype(np.float32)
     answers = load_model(repo / "models/model.keras").predict(inputs, verbose=0)
     figures = json.loads((repo / "metrics/train.json").read_text())
     history = pd.read_csv(repo / "metrics/train_history.csv")

@@ -17,13 +17,13 @@ import numpy as np
 import tensorflow as tf
 
 from agegender.files import replace_atomically
-from agegender.inference import takes_descriptors
+from agegender.inference import takes_chips
 
 ONNX_OPSET = 17  # named, so a tf2onnx upgrade with another default does not change the file
 
 
 def input_name(model):
-    return "descriptor_and_mirror" if takes_descriptors(model) else "image"
+    return "chip" if takes_chips(model) else "image"
 
 
 def serving_function(model):
@@ -34,8 +34,8 @@ def serving_function(model):
 
 def export_saved_model(model, target):
     """A SavedModel whose `serve` / `serving_default` maps `image` (N, size, size, 3) float32 RGB
-    in [0, 255] (or `descriptor_and_mirror` (N, 2, 128)) to the softmax outputs `gender` (N, 2)
-    and `age` (N, 101).
+    in [0, 255] (or `chip` (N, 150, 150, 3), aligned face chips) to the softmax outputs
+    `gender` (N, 2) and `age` (N, 101).
 
     Not `model.export()`: it calls the model without `training=False`, and Keras 3 then takes
     the `training=True` default of the RandomFlip/RandomBrightness layers for the whole model,
@@ -87,7 +87,7 @@ def convert_to_tflite(saved_model_dir, target):
 
 def export_onnx(model, target):
     """An ONNX file of the function the SavedModel serves: input `image` or
-    `descriptor_and_mirror`, outputs `gender` and `age`, batch size free.
+    `chip`, outputs `gender` and `age`, batch size free.
 
     Not `model.export(format="onnx")`: like Keras's SavedModel export it calls the model without
     `training=False`, and tf2onnx then meets the random ops of dropout and RandomFlip, which it
@@ -138,6 +138,9 @@ def canonical_names(graph):
     give equal bytes (and dvc.lock stays put): tf2onnx numbers the names it makes from a counter
     that runs on within a process, and of equal weights (the heads read once per image of the
     pair) it keeps the one a set's order, which changes from process to process, comes to."""
+    in_order = nodes_from_outputs(graph)
+    del graph.node[:]
+    graph.node.extend(in_order)
     names = {value.name: value.name for value in [*graph.input, *graph.output]}
     names[""] = ""  # an optional input left out
 
@@ -155,6 +158,33 @@ def canonical_names(graph):
     del graph.value_info[:]  # shapes onnxruntime infers anyway, named by the same counter
     for value in [*graph.input, *graph.output]:
         value.type.tensor_type.shape.dim[0].dim_param = "batch"
+
+
+def nodes_from_outputs(graph):
+    """The nodes in an order set by the graph's shape alone: each output in turn, every node
+    after the nodes it reads, inputs in their order. tf2onnx's own order breaks ties between
+    independent branches (a face and its mirror image) differently from process to process."""
+    producer = {name: node for node in graph.node for name in node.output}
+    placed, ordered = set(), []
+    stack = [(producer[value.name], False) for value in reversed(graph.output)]
+    while stack:
+        node, inputs_placed = stack.pop()
+        if id(node) in placed:
+            continue
+        if inputs_placed:
+            placed.add(id(node))
+            ordered.append(node)
+            continue
+        stack.append((node, True))
+        stack.extend(
+            (producer[name], False)
+            for name in reversed(node.input)
+            if name in producer and id(producer[name]) not in placed
+        )
+    copies = [type(node)() for node in ordered]
+    for copy, node in zip(copies, ordered):
+        copy.CopyFrom(node)
+    return copies
 
 
 def onnx_predict(onnx_file, inputs, name="image"):

@@ -1,14 +1,14 @@
-"""dlib's face-recognition ResNet as a frozen backbone: face crop -> aligned chip -> 128-D
-descriptor.
+"""Aligned face chips, cut as dlib's face-recognition network was trained on them: a face crop
+-> 5-point landmarks -> a 150 px chip (padding 0.25). The network itself runs in Keras
+(`agegender.face_network`); dlib remains for the landmarks and the chip alone.
 
-The network was trained on chips that dlib cuts from its 5-point landmarks (150 px, padding
-0.25), so every face goes through `FaceEncoder.encode` the same way: the features stage for
-training and test faces, predict and serving for new ones. The face box inside a crop comes
-from the crop's own geometry (the crop stage and predict grow the face box by a known margin),
-so no detector runs inside a crop.
+The face box inside a crop comes from the crop's own geometry (the crop stage and predict grow
+the face box by a known margin), so no detector runs inside a crop. The features stage, evaluate,
+predict and serving all cut chips here, the same way.
 """
 
 import hashlib
+from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -29,7 +29,6 @@ MODEL_FILES = {
         "55533b28a95800a551ba546ba62fe69625c7e95a7061c338adffead08719da30",
     ),
 }
-DESCRIPTOR_SIZE = 128
 CHIP_SIZE, CHIP_PADDING = 150, 0.25
 WORK_SIZE = 256  # small crops are upscaled first, so the landmarks land on sub-pixel detail
 
@@ -42,11 +41,12 @@ def file_sha256(path):
     return digest.hexdigest()
 
 
-def check_model_files(directory, verify=True):
-    """The paths of both files in `directory`, or one paragraph saying what is wrong and what to
-    do."""
+def check_model_files(directory, verify=True, roles=tuple(MODEL_FILES)):
+    """The paths of the files of `roles` in `directory`, or one paragraph saying what is wrong
+    and what to do."""
     paths = {}
-    for role, (name, sha256) in MODEL_FILES.items():
+    for role in roles:
+        name, sha256 = MODEL_FILES[role]
         path = Path(directory) / name
         if not path.is_file():
             raise PipelineError(
@@ -85,20 +85,24 @@ def landmarks_plausible(points, box):
     )
 
 
-class FaceEncoder:
-    """The landmark model and the descriptor network, loaded once; with `workers` > 1, batches
-    are shared with that many processes (the network runs on one core each)."""
+def check_landmarks_file(directory, verify=True):
+    """The 5-point landmark model in `directory` alone: what cutting chips needs."""
+    return check_model_files(directory, verify, roles=("landmarks",))["landmarks"]
+
+
+class ChipCutter:
+    """dlib's 5-point landmark model, loaded once; `workers` > 1 shares long lists of crops with
+    that many processes."""
 
     def __init__(self, weights_dir, face_margin, verify=True, workers=1):
         import dlib
 
-        paths = check_model_files(weights_dir, verify)
+        path = check_landmarks_file(weights_dir, verify)
         try:
-            self.landmarks = dlib.shape_predictor(str(paths["landmarks"]))
-            self.network = dlib.face_recognition_model_v1(str(paths["descriptor"]))
+            self.landmarks = dlib.shape_predictor(str(path))
         except RuntimeError as error:
             raise PipelineError(
-                f"dlib could not load the models in {weights_dir} ({error}); "
+                f"dlib could not load the landmark model {path} ({error}); "
                 f"run `dvc repro download_weights` again."
             ) from None
         self.dlib, self.face_margin = dlib, face_margin
@@ -116,87 +120,82 @@ class FaceEncoder:
             raise ImageSkip("no_landmarks")
         return self.dlib.get_face_chip(work, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
 
-    def encode(self, images):
-        """(N, 128) float32 descriptors of face crops; a row of NaN where no landmarks were
-        found."""
-        rows = np.full((len(images), DESCRIPTOR_SIZE), np.nan, dtype=np.float32)
+    def chips_alone(self, images):
+        """(N, 150, 150, 3) uint8 chips and (N,) bool: whether each crop had landmarks (a
+        black chip where not)."""
+        chips = np.zeros((len(images), CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
+        usable = np.zeros(len(images), bool)
         for index, image in enumerate(images):
             try:
-                rows[index] = np.asarray(
-                    self.network.compute_face_descriptor(self.chip(image)), np.float32
-                )
+                chips[index], usable[index] = self.chip(image), True
             except ImageSkip:
                 continue
-        return rows
+        return chips, usable
 
-    def encode_with_mirror(self, images):
-        """(N, 2, 128): each crop's descriptor and its mirror image's, as the saved model reads
-        them."""
-        from PIL import Image
+    def chips(self, images):
+        """`chips_alone`, over the worker processes when there are several and enough crops."""
+        images = list(images)
+        if self.workers <= 1 or len(images) < 2 * self.workers:
+            return self.chips_alone(images)
+        if self.pool is None:
+            self.pool = ProcessPoolExecutor(
+                self.workers,
+                initializer=_start_worker,
+                initargs=(self.weights_dir, self.face_margin),
+            )
+        size = -(-len(images) // self.workers)
+        parts = self.pool.map(
+            _chips_of_images,
+            [images[start : start + size] for start in range(0, len(images), size)],
+        )
+        chips, usable = zip(*parts)
+        return np.concatenate(chips), np.concatenate(usable)
 
-        both = list(images) + [image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) for image in images]
-        if self.workers > 1 and len(both) > 2:
-            if self.pool is None:
-                self.pool = ProcessPoolExecutor(
-                    self.workers,
-                    initializer=_start_worker,
-                    initargs=(self.weights_dir, self.face_margin),
-                )
-            size = -(-len(both) // self.workers)
-            chunks = [both[start : start + size] for start in range(0, len(both), size)]
-            rows = np.concatenate(list(self.pool.map(_encode_images, chunks)))
-        else:
-            rows = self.encode(both)
-        return np.stack([rows[: len(images)], rows[len(images) :]], axis=1)
 
-
-_worker_encoder = None
+_worker_cutter = None
 
 
 def _start_worker(weights_dir, face_margin):
-    global _worker_encoder
-    _worker_encoder = FaceEncoder(weights_dir, face_margin, verify=False)
+    global _worker_cutter
+    _worker_cutter = ChipCutter(weights_dir, face_margin, verify=False)
 
 
-def _encode_images(images):
-    return _worker_encoder.encode(images)
+def _chips_of_images(images):
+    return _worker_cutter.chips_alone(images)
 
 
-def _encode_files(job):
+def _chips_of_files(paths):
     from PIL import Image
 
-    paths, flip = job
     images = []
     for path in paths:
         try:
-            image = load_rgb(path)
+            images.append(load_rgb(path))
         except ImageSkip:
-            image = Image.new("RGB", (WORK_SIZE, WORK_SIZE))  # blank: counted as no_landmarks
-        images.append(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flip else image)
-    return _worker_encoder.encode(images)
+            images.append(Image.new("RGB", (WORK_SIZE, WORK_SIZE)))  # counted as no_landmarks
+    return _worker_cutter.chips_alone(images)
 
 
-def encoded_batches(paths, weights_dir, face_margin, flip=False, workers=2, chunk=64):
-    """Descriptors of the face crops in `paths`, `chunk` crops at a time and in order, over
-    `workers` processes (the network runs on one core each); `flip` mirrors every crop first.
-    A generator, so a caller writing them to disk holds only the chunks in flight."""
-    check_model_files(weights_dir)
+def chip_batches(paths, weights_dir, face_margin, workers=2, chunk=64):
+    """Chips of the face crops in `paths` as (chips, usable) pairs of `chunk` crops, in order,
+    cut over `workers` processes. A generator that keeps at most two chunks per worker in
+    flight, so a slower consumer (the network) holds a few chunks, not a split, in memory."""
+    check_landmarks_file(weights_dir)
     paths = [str(path) for path in paths]
-    jobs = [(paths[start : start + chunk], flip) for start in range(0, len(paths), chunk)]
+    jobs = [paths[start : start + chunk] for start in range(0, len(paths), chunk)]
     if workers <= 1:
         _start_worker(weights_dir, face_margin)
-        yield from map(_encode_files, jobs)
+        yield from map(_chips_of_files, jobs)
         return
     with ProcessPoolExecutor(
         workers, initializer=_start_worker, initargs=(str(weights_dir), face_margin)
     ) as pool:
-        yield from pool.map(_encode_files, jobs)
-
-
-def encode_files(paths, weights_dir, face_margin, flip=False, workers=2, chunk=64):
-    """All descriptors of `encoded_batches` in one (N, 128) float32 array."""
-    batches = list(encoded_batches(paths, weights_dir, face_margin, flip, workers, chunk))
-    return np.concatenate(batches) if batches else np.zeros((0, DESCRIPTOR_SIZE), np.float32)
+        pending = deque(pool.submit(_chips_of_files, job) for job in jobs[: 2 * workers])
+        for job in jobs[2 * workers :] + [None] * len(pending):
+            done = pending.popleft().result()
+            if job is not None:
+                pending.append(pool.submit(_chips_of_files, job))
+            yield done
 
 
 def crop_face_margin(crop_section):

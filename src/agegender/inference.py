@@ -7,9 +7,10 @@ go through here.
     predictor.faces("photo.jpg")            # every face found by MTCNN, with its box
     predictor.crops(["face1.jpg", face2])   # faces already cut: no detector runs
 
-A model trained on a Keras backbone (VGG16, ...) takes the crop's pixels; a model trained on
-dlib's face-recognition network (`dlib_resnet`) takes the crop's 128-D descriptor, which
-`FaceEncoder` computes from the crop exactly as the features stage did for training.
+Every model is one Keras model from face images to the two heads. A model on a Keras backbone
+(VGG16, ...) reads the crop's pixels; a model on dlib's face network (`dlib_resnet`) reads the
+crop's aligned 150 px chip, which `ChipCutter` cuts from the crop's landmarks exactly as the
+features stage did for training.
 """
 
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ from pathlib import Path
 import numpy as np
 
 from agegender.errors import PipelineError
-from agegender.face_descriptor import crop_face_margin
+from agegender.face_chips import crop_face_margin
 from agegender.images import (
+    ImageSkip,
     as_array,
     crop_face,
     face_box_in_crop,
@@ -87,10 +89,10 @@ def as_photo(photo):
     return load_rgb(photo)
 
 
-def takes_descriptors(model):
-    """True for heads on dlib descriptors (input (None, 2, 128): a face's and its mirror's),
-    False for an image model (input (None, size, size, 3))."""
-    return len(model.input_shape) == 3
+def takes_chips(model):
+    """True for a model on dlib's face network (input `chip`: aligned 150 px face chips), False
+    for one that reads the crop itself (input `image`)."""
+    return model.inputs[0].name == "chip"
 
 
 def open_model(path, hint="run `dvc repro train`"):
@@ -126,7 +128,7 @@ def settings_of(params):
 
 class Predictor:
     """A trained model loaded once, answering for photos (faces found by MTCNN) or for face
-    crops, in batches; with the dlib encoder when the model reads dlib descriptors.
+    crops, in batches; with dlib's landmark model when the model reads aligned chips.
 
     `face_margin` and `size` say how the training crops were framed (the face box plus
     `face_margin` of its size on each side, `size` pixels square); every face is framed so
@@ -135,14 +137,14 @@ class Predictor:
     def __init__(
         self,
         model,
-        encoder=None,
+        cutter=None,
         face_margin=0.4,
         size=64,
         age_bins=(0, 10, 20, 30, 40, 50, 60),
         batch_size=32,
     ):
         self.model = model
-        self.encoder = encoder if takes_descriptors(model) else None
+        self.cutter = cutter if takes_chips(model) else None
         self.face_margin, self.size = float(face_margin), int(size)
         self.age_bins, self.batch_size = [int(edge) for edge in age_bins], int(batch_size)
 
@@ -158,19 +160,19 @@ class Predictor:
         weights_hint="",
     ):
         """The model at `model_path`, framed and binned as `params` (params.yaml or its dict)
-        says; a dlib_resnet model also loads dlib's files from `weights_dir`. `hint` and
-        `weights_hint` end the messages of a missing model and of missing dlib files."""
+        says; a dlib_resnet model also loads dlib's landmark model from `weights_dir`. `hint`
+        and `weights_hint` end the messages of a missing model and of a missing landmark file."""
         settings = settings_of(params)
         model = open_model(model_path, hint)
-        encoder = None
-        if takes_descriptors(model):
-            from agegender.face_descriptor import FaceEncoder
+        cutter = None
+        if takes_chips(model):
+            from agegender.face_chips import ChipCutter
 
             try:
-                encoder = FaceEncoder(weights_dir, settings["face_margin"], workers=workers)
+                cutter = ChipCutter(weights_dir, settings["face_margin"], workers=workers)
             except PipelineError as error:
                 raise PipelineError(f"{error} {weights_hint}".strip()) from None
-        return cls(model, encoder, batch_size=batch_size, **settings)
+        return cls(model, cutter, batch_size=batch_size, **settings)
 
     def faces(self, photo, min_face_size=20):
         """The faces MTCNN finds in a photo (PIL image, RGB array or path), most confident first:
@@ -208,14 +210,18 @@ class Predictor:
         return readable(self.outputs(crops), self.age_bins)
 
     def inputs(self, crops):
-        """What the network reads: descriptors (NaN rows where landmarks failed) or pixels."""
-        if takes_descriptors(self.model):
-            if self.encoder is None:
+        """What the network reads: aligned chips (NaN where landmarks failed) or pixels."""
+        if takes_chips(self.model):
+            if self.cutter is None:
                 raise PipelineError(
-                    "this model reads dlib face descriptors (model.backbone: dlib_resnet) "
-                    "and needs the dlib model files; give their folder (default data/weights)."
+                    "this model reads aligned face chips (model.backbone: dlib_resnet) and needs "
+                    "dlib's landmark model to cut them; give the folder holding "
+                    "shape_predictor_5_face_landmarks.dat (default data/weights)."
                 )
-            return self.encoder.encode_with_mirror(crops)
+            chips, usable = self.cutter.chips(crops)
+            chips = chips.astype(np.float32)
+            chips[~usable] = np.nan
+            return chips
         size = self.model.input_shape[1]
         pixels = [
             as_array(crop if crop.size == (size, size) else resize_whole(crop, size))
@@ -246,6 +252,25 @@ class Predictor:
         if not crops:
             return {"gender": np.zeros((0, 2)), "age": np.zeros((0, len(AGES)))}
         return self.outputs_of_inputs(self.inputs(crops))
+
+    def outputs_of_files(self, paths, chunk=512):
+        """The outputs for crop files already framed as the training crops, `chunk` at a time
+        (a chip in float32 is 270 KB); an unreadable file is read as a black crop (for a chip
+        model: no landmarks, a NaN row)."""
+        from PIL import Image
+
+        parts = []
+        for start in range(0, len(paths), chunk):
+            crops = []
+            for path in paths[start : start + chunk]:
+                try:
+                    crops.append(load_rgb(path))
+                except ImageSkip:
+                    crops.append(Image.new("RGB", (self.size, self.size)))  # no landmarks
+            parts.append(self.outputs(crops))
+        if not parts:
+            return self.outputs([])
+        return {task: np.concatenate([part[task] for part in parts]) for task in parts[0]}
 
 
 def answer_columns(outputs, bins):
@@ -310,7 +335,7 @@ def add_model_options(parser):
         "--weights",
         type=Path,
         default=WEIGHTS,
-        help=f"folder of the dlib model files, for a dlib_resnet model (default {WEIGHTS})",
+        help=f"folder of dlib's landmark model, for a dlib_resnet model (default {WEIGHTS})",
     )
 
 

@@ -9,6 +9,7 @@ from agegender.layout import PARAMS
 
 DATASETS = ("sample", "wiki_crop", "imdb_crop", "wiki", "imdb")
 BACKBONES = ("dlib_resnet", "vgg16", "resnet50", "efficientnetb0", "mobilenetv3small")
+FACE_FEATURES = ("descriptor", "pooled")  # what heads on dlib_resnet read
 AGE_LOSSES = ("cross_entropy", "mean_variance", "dldl")
 AUTO_BOOL = (bool, str)  # true, false or "auto"
 CROP_METHODS = ("metadata", "mtcnn", "none")
@@ -19,7 +20,7 @@ MAX_AGE = 100  # the age head's classes are the ages 0..100 (model.TASKS)
 SCHEMA = {
     "seed": int,
     "data": {"dataset": str, "url": str},
-    "model": {"backbone": str, "weights": str, "face_models": str},
+    "model": {"backbone": str, "weights": str, "face_models": str, "face_features": str},
     "filter": {
         "min_face_score": NUMBER,
         "max_second_face_score": (float, int, type(None)),
@@ -166,13 +167,12 @@ def check_values(params, path):
     require(train["lr"] > 0, "train.lr", "must be above 0")
     require(train["finetune_lr"] > 0, "train.finetune_lr", "must be above 0")
     require(train["trainable_layers"] >= 0, "train.trainable_layers", "must be 0 or more")
-    if params["model"]["backbone"] == "dlib_resnet":
-        require(
-            train["finetune_epochs"] == 0,
-            "train.finetune_epochs",
-            "must be 0 with model.backbone dlib_resnet: dlib's network runs outside Keras "
-            "and stays frozen",
-        )
+    require(
+        params["model"]["face_features"] in FACE_FEATURES,
+        "model.face_features",
+        "must be descriptor (dlib's 128-D face descriptor) or pooled (the 256-D features "
+        "before it)",
+    )
     require(
         params["model"]["face_models"].strip() != "",
         "model.face_models",

@@ -6,9 +6,9 @@ gender_prob, age (DEX expected value over the 101 outputs), age_bin (the bin of 
 most_likely_age_bin and most_likely_age_bin_prob. Faces are not detected here: each image is
 taken as an already cropped face, framed as the crop stage frames them (the face box plus
 `crop.margin` on each side), and goes through the same inference core as predict
-(`agegender.inference.Predictor.crops`). A dlib_resnet model carries the
-dlib model files as an artifact, so the served model takes crops, not descriptors; a face
-whose landmarks can't be found gets an answer row of nulls.
+(`agegender.inference.Predictor.crops`). A dlib_resnet model carries dlib's landmark model as
+an artifact, so the served model cuts each crop's aligned chip itself; a face whose landmarks
+can't be found gets an answer row of nulls.
 """
 
 import base64
@@ -29,7 +29,7 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from mlflow.types.schema import ColSpec, Schema
 
 from agegender.images import ImageSkip, load_rgb
-from agegender.inference import ANSWER_FIELDS, Predictor, open_model, takes_descriptors
+from agegender.inference import ANSWER_FIELDS, Predictor, open_model, takes_chips
 
 OUTPUT_COLUMNS = ANSWER_FIELDS
 SIGNATURE = ModelSignature(
@@ -49,7 +49,7 @@ PIP_REQUIREMENTS = [
     "pandas==3.1.1",
     "pillow==13.0.0",
 ]
-# the dlib files travel as an artifact, not as a package
+# the landmark model travels as an artifact, not as a package
 FACE_REQUIREMENTS = ["dlib-bin==20.0.1.post1"]
 PACKAGE_DIR = Path(__file__).resolve().parent
 ARTIFACT = "keras_model"
@@ -118,13 +118,13 @@ class AgeGenderModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context):
         model = float32_model(open_model(context.artifacts[ARTIFACT]))
-        encoder = None
-        if takes_descriptors(model):
-            from agegender.face_descriptor import FaceEncoder
+        cutter = None
+        if takes_chips(model):
+            from agegender.face_chips import ChipCutter
 
-            encoder = FaceEncoder(context.artifacts[FACE_MODELS], self.face_margin)
+            cutter = ChipCutter(context.artifacts[FACE_MODELS], self.face_margin)
         self.model = Predictor(
-            model, encoder, self.face_margin, self.size, self.age_bins, self.batch_size
+            model, cutter, self.face_margin, self.size, self.age_bins, self.batch_size
         )
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
@@ -166,9 +166,10 @@ def log_pyfunc(
     """Log the Keras model at `keras_model_path` as a pyfunc model in the active run (or a new
     one) and register it as a new version of `registered_name` (None: not registered).
     `params` is the whole params.yaml; the age bins come from `evaluate.age_bins`, the face
-    margin of the crops from `crop`. `face_models_dir`: the dlib files, for a dlib_resnet model.
+    margin of the crops from `crop`. `face_models_dir`: dlib's landmark model, for a dlib_resnet
+    model.
     Returns MLflow's ModelInfo (model_uri, registered_model_version)."""
-    from agegender.face_descriptor import crop_face_margin
+    from agegender.face_chips import crop_face_margin
 
     model = AgeGenderModel(
         params["evaluate"]["age_bins"],
@@ -217,10 +218,10 @@ def register_pyfunc(run, keras_model_path, params, face_models_dir=None):
 
 
 def stage_face_models(face_models_dir, staging):
-    """The two dlib files alone, as plain files (MLflow refuses links that leave the folder)."""
-    from agegender.face_descriptor import MODEL_FILES, check_model_files
+    """dlib's landmark model alone, as a plain file (MLflow refuses links that leave the
+    folder); the face network's weights are inside the Keras model."""
+    from agegender.face_chips import check_landmarks_file
 
-    check_model_files(face_models_dir)
-    for file_name, _ in MODEL_FILES.values():
-        shutil.copyfile(Path(face_models_dir, file_name).resolve(), staging / file_name)
+    path = check_landmarks_file(face_models_dir)
+    shutil.copyfile(path.resolve(), staging / path.name)
     return staging

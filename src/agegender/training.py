@@ -33,6 +33,7 @@ def network_settings(params):
         "flip": train["augment"]["flip"],
         "brightness": train["augment"]["brightness"],
         "seed": params["seed"],
+        "face_features": params["model"]["face_features"],
     }
 
 

@@ -17,7 +17,7 @@ from urllib.parse import urlparse
 
 from agegender.datasets import DATASETS, mat_path, weights_source
 from agegender.errors import PipelineError
-from agegender.face_descriptor import MODEL_FILES, check_model_files
+from agegender.face_chips import MODEL_FILES, check_model_files
 from agegender.fetch import download, extract, is_remote, local_path
 from agegender.files import write_json
 from agegender.layout import DOWNLOADS, RAW, WEIGHTS

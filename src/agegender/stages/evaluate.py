@@ -10,26 +10,24 @@ import pandas as pd
 
 from agegender import plots
 from agegender.data import image_dataset
-from agegender.features import RowBatches, kept_rows, load_features, read_manifest
 from agegender.files import read_csv, replace_atomically, write_csv
 from agegender.inference import (
     AGE_DECIMALS,
     PROBABILITY_DECIMALS,
     Predictor,
     answer_columns,
-    open_model,
-    takes_descriptors,
+    takes_chips,
 )
 from agegender.labels import GENDERS
 from agegender.layout import (
     CROP_IMAGES,
     EXTERNAL_REPORT,
-    FEATURES,
     FIGURES,
     HISTORY,
     MODEL,
     PREDICTIONS,
     REPORT,
+    WEIGHTS,
     split_table,
 )
 from agegender.metrics import (
@@ -109,15 +107,16 @@ def main(params, run):
     edges, cs_years = section["age_bins"], section["cs_years"]
     train, test = read_csv(split_table("train")), read_csv(split_table("test"))
     split_size = len(test)
-    predictor = Predictor(open_model(MODEL), age_bins=edges, batch_size=section["batch_size"])
-    if takes_descriptors(predictor.model):  # the features stage cached the test descriptors
-        test = kept_rows(test, read_manifest(FEATURES), "test")
-        pairs = [load_features(FEATURES, "test"), load_features(FEATURES, "test_flipped")]
-        batches = RowBatches(pairs, section["batch_size"])
+    predictor = Predictor.load(MODEL, params, WEIGHTS, section["batch_size"], workers=2)
+    if takes_chips(predictor.model):  # chips cut as predict cuts them; no landmarks: left out
+        outputs = predictor.outputs_of_files([CROP_IMAGES / p for p in test["full_path"]])
+        found = ~np.isnan(outputs["gender"]).any(axis=1)
+        test = test[found].reset_index(drop=True)
+        outputs = {task: values[found] for task, values in outputs.items()}
     else:
         size = predictor.model.input_shape[1]
         batches = image_dataset(test, CROP_IMAGES, size, section["batch_size"])
-    outputs = predictor.outputs_of_batches(batches)
+        outputs = predictor.outputs_of_batches(batches)
 
     age = age_metrics(test["age"], outputs["age"], edges, cs_years)
     age["mean_baseline_mae"] = mean_age_baseline(test["age"], train["age"].mean())

@@ -2,10 +2,9 @@
 each checked against Keras on the first test faces, then registered in MLflow as a servable
 pyfunc model.
 
-For an image model (VGG16, ...) the files map face images to the outputs. For a dlib_resnet
-model they hold the Keras part only: a face's descriptor and its mirror image's, (N, 2, 128),
-to the outputs; dlib computes the descriptors (agegender.face_descriptor). The registered
-pyfunc model carries the dlib files too and takes face crops either way."""
+Each file holds the whole model: face crops (VGG16, ...) or aligned 150 px face chips
+(dlib_resnet, whose face network is inside) to the outputs. The registered pyfunc model also
+carries dlib's landmark model for a dlib_resnet model, and takes face crops either way."""
 
 import os
 from pathlib import Path
@@ -25,13 +24,12 @@ from agegender.exporters import (
     onnx_predict,
     tflite_predict,
 )
-from agegender.features import RowBatches, load_features
+from agegender.face_chips import chip_batches, crop_face_margin
 from agegender.files import read_csv
-from agegender.inference import open_model, takes_descriptors
+from agegender.inference import open_model, takes_chips
 from agegender.labels import TASKS
 from agegender.layout import (
     CROP_IMAGES,
-    FEATURES,
     MODEL,
     ONNX,
     SAVED_MODEL,
@@ -44,16 +42,20 @@ from agegender.serving import float32_model, register_pyfunc
 from agegender.stage import stage
 
 CHECK_INPUTS = 16  # the first test faces, which every format must predict as Keras does
-TOLERANCE = 1e-3  # largest difference in any output probability the export may show
+TOLERANCE = 1e-4  # largest difference in any output probability the export may show
 
 
-def check_inputs(model, count=CHECK_INPUTS):
-    """The first test faces as evaluate feeds them, and what they are: cached descriptor pairs,
-    or crops decoded and resized. Real faces reach what random inputs miss: confident, nearly
-    saturated softmaxes, and the narrow range real descriptors take."""
-    if takes_descriptors(model):
-        pairs = [load_features(FEATURES, name) for name in ("test", "test_flipped")]
-        inputs, what = RowBatches(pairs, count)[0], "test descriptors and their mirrors'"
+def check_inputs(model, margin, count=CHECK_INPUTS):
+    """The first test faces as evaluate feeds them, and what they are: aligned chips cut from
+    the crops, or crops decoded and resized. Real faces reach what random inputs miss:
+    confident, nearly saturated softmaxes."""
+    if takes_chips(model):
+        table = read_csv(split_table("test")).head(4 * count)
+        paths = [CROP_IMAGES / path for path in table["full_path"]]
+        chips = np.concatenate(
+            [chips[usable] for chips, usable in chip_batches(paths, WEIGHTS, margin)]
+        )
+        inputs, what = chips[:count].astype(np.float32), "test chips"
     else:
         table = read_csv(split_table("test")).head(count)
         dataset = image_dataset(table, CROP_IMAGES, model.input_shape[1], count)
@@ -107,7 +109,7 @@ def main(params, run):
     convert_to_tflite(SAVED_MODEL, TFLITE)
     export_onnx(model, ONNX)
 
-    inputs, what = check_inputs(model)
+    inputs, what = check_inputs(model, crop_face_margin(params["crop"]))
     metrics = {
         "check_inputs": what,
         "check_count": len(inputs),
@@ -131,7 +133,7 @@ def main(params, run):
         )
     run.log_artifact(TFLITE, artifact_path="tflite")
     run.log_artifact(ONNX, artifact_path="onnx")
-    face_models = WEIGHTS if takes_descriptors(model) else None
+    face_models = WEIGHTS if takes_chips(model) else None
     registered = register_pyfunc(run, MODEL, params, face_models)
     largest = {fmt: max(values.values()) for fmt, values in metrics["max_abs_diff"].items()}
     print(

@@ -1,11 +1,12 @@
 """Stage features: run the frozen backbone once over the splits, so head training never
 touches an image.
 
-A Keras backbone (VGG16, ...): its frozen part over train (and train's mirror images when
-augmentation flips) and val; its weights are saved beside the features, so train rebuilds
-exactly the network that made the cache. dlib's face-recognition network (`dlib_resnet`): the
-128-D descriptor of every crop of train (and mirrors), val and test, so evaluate reads the
-test descriptors from here too; faces whose landmarks can't be found are counted and left out.
+The frozen part of the backbone over train (and train's mirror images when augmentation
+flips) and val, in batches of `features.batch_size`; its weights are saved beside the features,
+so train rebuilds exactly the network that made the cache. For dlib's face-recognition network
+(`dlib_resnet`, rebuilt in Keras from dlib's own file) the network reads aligned face chips,
+cut from each crop's 5-point landmarks on every core; faces whose landmarks can't be found are
+counted and left out.
 """
 
 import os
@@ -20,7 +21,7 @@ from agegender.data import image_dataset
 from agegender.features import keep_rows, write_features, write_manifest
 from agegender.files import read_csv
 from agegender.layout import CROP_IMAGES, FEATURES, WEIGHTS, split_table
-from agegender.model import build_networks
+from agegender.model import FACE_BACKBONES, build_networks
 from agegender.stage import stage
 from agegender.training import base_weights, network_settings
 
@@ -52,42 +53,65 @@ def keras_features(params, versions):
     return {"shape": list(shape), "skipped": {}}
 
 
-def noting_missing(batches, missing):
-    """The batches of descriptors as they come, marking in `missing` the rows without one."""
+def chip_features(network, chip_chunks, batch_size, mirrored, missing):
+    """Per chunk of (chips, usable), the network's features of the chips and, when `mirrored`
+    is a list, of their mirror images (appended to it); rows without landmarks are NaN and
+    marked in `missing`."""
     start = 0
-    for batch in batches:
-        missing[start : start + len(batch)] |= np.isnan(batch).any(axis=1)
-        start += len(batch)
-        yield batch
+    for chips, usable in chip_chunks:
+        missing[start : start + len(chips)] |= ~usable
+        start += len(chips)
+        mirror = [] if mirrored is None else [(chips[:, :, ::-1], mirrored)]
+        for images, out in [(chips, None), *mirror]:
+            rows = np.concatenate(
+                [
+                    np.asarray(network.predict_on_batch(images[first : first + batch_size]))
+                    for first in range(0, len(images), batch_size)
+                ]
+            ).astype(np.float32)
+            rows[~usable] = np.nan
+            if out is None:
+                yield rows
+            else:
+                out.append(rows)
 
 
-def descriptor_features(params, versions):
-    """dlib descriptors of every split's crops, and of the test crops' mirror images, which the
-    saved model reads beside them; a face is left out of its split when it or its mirror image
-    has no landmarks, so the cached versions of a split stay row-aligned. Each version streams
-    to disk with its NaN rows, then is compacted to the faces kept, in chunks."""
-    from agegender.face_descriptor import DESCRIPTOR_SIZE, crop_face_margin, encoded_batches
+def face_features(params, versions):
+    """Features of dlib's face network (in Keras) for the aligned chip of every train and val
+    crop, and of train's mirrored chips; a face without landmarks is left out of its split, so
+    the cached versions of a split stay row-aligned. Each version streams to disk with its NaN
+    rows, then is compacted to the faces kept, in chunks."""
+    from agegender.face_chips import MODEL_FILES, check_model_files, chip_batches, crop_face_margin
 
+    check_model_files(WEIGHTS)
+    networks = build_networks(
+        **network_settings(params), weights_file=WEIGHTS / MODEL_FILES["descriptor"][0]
+    )
+    network, shape = networks.feature_extractor, tuple(networks.feature_extractor.output.shape[1:])
     margin, workers = crop_face_margin(params["crop"]), os.cpu_count() or 1
-    versions = versions + [("test", False), ("test_flipped", True)]
-    tables = {split: read_split(split) for split in ("train", "val", "test")}
+    tables = {split: read_split(split) for split in ("train", "val")}
     missing = {split: np.zeros(len(table), dtype=bool) for split, table in tables.items()}
-    for name, flip in versions:
-        split = name.removesuffix("_flipped")
-        paths = [CROP_IMAGES / path for path in tables[split]["full_path"]]
-        batches = encoded_batches(paths, WEIGHTS, margin, flip=flip, workers=workers)
-        batches = noting_missing(batches, missing[split])
-        write_features(FEATURES, f"{name}.all", batches, len(paths), (DESCRIPTOR_SIZE,), exact=True)
+    for split, table in tables.items():
+        flip = f"{split}_flipped" in dict(versions)
+        paths = [CROP_IMAGES / path for path in table["full_path"]]
+        chunks = chip_batches(paths, WEIGHTS, margin, workers=workers, chunk=256)
+        mirrored = [] if flip else None
+        rows = chip_features(
+            network, chunks, params["features"]["batch_size"], mirrored, missing[split]
+        )
+        write_features(FEATURES, f"{split}.all", rows, len(table), shape, exact=True)
+        if flip:
+            write_features(FEATURES, f"{split}_flipped.all", mirrored, len(table), shape, True)
     for name, _ in versions:
         split = name.removesuffix("_flipped")
         keep_rows(FEATURES, f"{name}.all", name, ~missing[split])
+    networks.base.save_weights(FEATURES / "base.weights.h5")
     return {
-        "shape": [DESCRIPTOR_SIZE],
+        "shape": list(shape),
         "skipped": {
             split: table["full_path"][missing[split]].tolist() for split, table in tables.items()
         },
         "face_margin": margin,
-        "extra_versions": ["test", "test_flipped"],
     }
 
 
@@ -99,9 +123,9 @@ def main(params, run):
         [("train_flipped", True)] if section["augment"]["flip"] else []
     )
     started = time.perf_counter()
-    made = (descriptor_features if backbone == "dlib_resnet" else keras_features)(params, versions)
+    made = (face_features if backbone in FACE_BACKBONES else keras_features)(params, versions)
     seconds = time.perf_counter() - started
-    names = [name for name, _ in versions] + made.pop("extra_versions", [])
+    names = [name for name, _ in versions]
     images = sum(len(read_split(name.removesuffix("_flipped"))) for name in names)
     write_manifest(
         FEATURES,

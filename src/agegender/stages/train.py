@@ -11,10 +11,12 @@ from pathlib import Path
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
+import numpy as np
 
 from agegender import devices
 from agegender.data import image_dataset
 from agegender.data_parallel import local_batches, validation_copies
+from agegender.face_chips import CHIP_SIZE, chip_batches, crop_face_margin
 from agegender.features import (
     EpochSync,
     FeatureBatches,
@@ -25,7 +27,15 @@ from agegender.features import (
 )
 from agegender.files import read_csv, write_csv
 from agegender.labels import one_hot
-from agegender.layout import CROP_IMAGES, FEATURES, HISTORY, MODEL, TRAIN_BACKUP, split_table
+from agegender.layout import (
+    CROP_IMAGES,
+    FEATURES,
+    HISTORY,
+    MODEL,
+    TRAIN_BACKUP,
+    WEIGHTS,
+    split_table,
+)
 from agegender.model import build_networks, save_model, set_trainable_tail
 from agegender.stage import stage
 from agegender.training import (
@@ -69,22 +79,46 @@ def train_head(networks, section, seed, train, val, setup, callbacks, first_epoc
     )
 
 
-def finetune(networks, section, seed, train, val, setup, callbacks, first_epoch):
+def finetune_data(networks, params, train, val, batch):
+    """The images phase 2 trains and validates on: crops for a Keras backbone (decoded by
+    batch, or kept with train.cache_images), aligned chips for dlib's face network (cut once,
+    kept: 67 KB a face)."""
+    section = params["train"]
+    if networks.train_model is None:
+        size = section["input_size"]
+        images = ImageRows(train, CROP_IMAGES, size, in_memory=section["cache_images"])
+        return images, image_dataset(val, CROP_IMAGES, size, batch)
+    margin = crop_face_margin(params["crop"])
+    train_chips, val_chips = (chips_of(table, margin) for table in (train, val))
+    return train_chips, FeatureBatches(val_chips, one_hot(val), None, batch)
+
+
+def chips_of(table, margin):
+    chunks = list(chip_batches([CROP_IMAGES / p for p in table["full_path"]], WEIGHTS, margin))
+    empty = np.zeros((0, CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
+    return np.concatenate([chips for chips, _ in chunks]) if chunks else empty
+
+
+def finetune(networks, params, train, val, setup, callbacks, first_epoch):
     """Phase 2: the last `finetune_layers` of the backbone learn too, on augmented images, in
     batches drawn as the head phase draws them (from the seed and the epoch)."""
-    set_trainable_tail(networks.base, max(section["finetune_layers"], section["trainable_layers"]))
-    size, batch = section["input_size"], section["batch_size"] * setup["replicas"]
-    images = ImageRows(train, CROP_IMAGES, size, in_memory=section["cache_images"])
+    section, seed = params["train"], params["seed"]
+    frozen_in_phase_1 = networks.train_model is not None  # dlib_resnet's trainable_layers: 0
+    tail = section["finetune_layers"]
+    set_trainable_tail(
+        networks.base, tail if frozen_in_phase_1 else max(tail, section["trainable_layers"])
+    )
+    batch = section["batch_size"] * setup["replicas"]
+    images, val_data = finetune_data(networks, params, train, val, batch)
     weights = sample_weights(train, section["gender_weighting"])
     batches = FeatureBatches(images, one_hot(train), weights, batch, seed, epoch=first_epoch)
     lr, epochs = section["finetune_lr"] * setup["replicas"], section["finetune_epochs"]
+    model = networks.finetune_model
     with setup["strategy"].scope():
-        compile_for_training(
-            networks.image_model, section, lr, len(batches), epochs, setup["jit_compile"]
-        )
-    networks.image_model.fit(
+        compile_for_training(model, section, lr, len(batches), epochs, setup["jit_compile"])
+    model.fit(
         local_batches(batches, setup),
-        validation_data=validation_copies(image_dataset(val, CROP_IMAGES, size, batch), setup),
+        validation_data=validation_copies(val_data, setup),
         initial_epoch=first_epoch,
         epochs=first_epoch + epochs,
         callbacks=[*callbacks, EpochSync(batches)],
@@ -136,7 +170,7 @@ def main(params, run):
     finetuned = section["finetune_epochs"] > 0
     if finetuned:
         callbacks = training_callbacks(section, backup, "finetune", [run.keras_callback()], seed)
-        finetune(networks, section, seed, train, val, setup, callbacks, head_epochs)
+        finetune(networks, params, train, val, setup, callbacks, head_epochs)
     history = phase_history(backup, ["head", "finetune"] if finetuned else ["head"])
     refuse_diverged(history, setup["replicas"], backup)
     metrics = summary(history, head_epochs, finetuned, len(train))
