@@ -107,6 +107,18 @@ def test_int_accepted_for_a_number_and_null_for_second_face(write_params):
     assert params["filter"]["max_second_face_score"] is None
 
 
+def test_a_float_as_dvc_exp_run_writes_it_is_a_number(tmp_path):
+    """`dvc exp run -S train.finetune_lr=0.00001` writes `1e-05`, a string to YAML 1.1."""
+    text = (REPO / "params.yaml").read_text()
+    assert "  finetune_lr: 0.0001 " in text
+    path = tmp_path / "params.yaml"
+    path.write_text(text.replace("  finetune_lr: 0.0001 ", "  finetune_lr: 1e-05 "))
+    assert load_params(path)["train"]["finetune_lr"] == 1e-05
+    path.write_text(text.replace("  finetune_lr: 0.0001 ", "  finetune_lr: -2.5E+1 "))
+    with pytest.raises(PipelineError, match="'train.finetune_lr' must be above 0"):
+        load_params(path)
+
+
 def test_float_for_an_integer(write_params):
     path = write_params(lambda p: p["train"].update(batch_size=32.0))
     with pytest.raises(PipelineError, match=r"'train\.batch_size' must be an integer"):

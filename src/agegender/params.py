@@ -1,5 +1,6 @@
 """Loading and checking params.yaml, so a typo fails before any work instead of mid-run."""
 
+import re
 from pathlib import Path
 
 import yaml
@@ -69,11 +70,23 @@ SCHEMA = {
 }
 
 
+class ParamsLoader(yaml.SafeLoader):
+    """YAML as `dvc exp run -S` writes it: `1e-05` is a number (YAML 1.2), where PyYAML's
+    YAML 1.1 reads a float without a dot as a string."""
+
+
+ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_params(path=PARAMS):
     """Read and validate the whole file; every stage calls this before doing any work."""
     path = Path(path)
     try:
-        params = yaml.safe_load(path.read_text())
+        params = yaml.load(path.read_text(), Loader=ParamsLoader)
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: run the stage from the repository root.") from None
     except yaml.YAMLError as error:
