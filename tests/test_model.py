@@ -1,5 +1,6 @@
 """agegender.model: the backbone cut into a frozen feature extractor and a trainable head."""
 
+import os
 import subprocess
 import sys
 import time
@@ -8,6 +9,8 @@ import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras")
+
+from conftest import REPO  # noqa: E402
 
 from agegender.model import TASKS, build_networks, load_model, set_trainable_tail  # noqa: E402
 from agegender.training import compile_for_training  # noqa: E402
@@ -276,3 +279,51 @@ def test_a_saved_model_is_the_same_bytes_every_time_and_loads(tmp_path):
     outputs = model.predict(chips, verbose=0)
     assert outputs["age"].shape == (3, 101)
     np.testing.assert_allclose(outputs["gender"].sum(axis=1), 1.0, rtol=1e-5)
+
+
+FINETUNE_UNDER_JAX = """
+import sys
+import keras
+import numpy as np
+from agegender.labels import one_hot
+from agegender.model import build_networks, set_trainable_tail
+from agegender.params import load_params
+from agegender.training import compile_for_training
+import pandas as pd
+
+assert keras.backend.backend() == "jax"
+keras.utils.set_random_seed(0)
+networks = build_networks(64, backbone="dlib_resnet", weights_file=sys.argv[1], head_units=(8,))
+networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.05, (16, 128)).astype("f4"))
+set_trainable_tail(networks.base, 3)
+trainable = [layer.name for layer in networks.base.layers if layer.trainable and layer.weights]
+before = {w.path: w.numpy().copy() for w in networks.base.weights}
+model = networks.finetune_model
+compile_for_training(model, load_params()["train"], 1e-4, 1, 1, False)
+chips = np.random.default_rng(1).uniform(0, 255, (4, 150, 150, 3)).astype("f4")
+labels = one_hot(pd.DataFrame({"gender": [0, 1, 1, 0], "age": [20, 35, 50, 70]}))
+history = model.fit(chips, labels, batch_size=4, epochs=1, verbose=0).history
+moved = sorted({w.path.split("/")[0] for w in networks.base.weights
+                if not np.array_equal(before[w.path], w.numpy())})
+print(trainable, moved, history["loss"][0])
+"""
+
+
+def test_the_face_network_fine_tunes_under_jax(face_models):
+    """The chip model's training step runs under the JAX backend (as on a GPU machine): the
+    last three weighted layers of dlib's network move, nothing else in it does."""
+    from agegender.face_chips import MODEL_FILES
+
+    result = subprocess.run(
+        [sys.executable, "-c", FINETUNE_UNDER_JAX, str(face_models / MODEL_FILES["descriptor"][0])],
+        env={**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    line = result.stdout.strip().splitlines()[-1]
+    expected = ["res5_1_conv_a", "res5_1_conv_b", "descriptor"]
+    assert line.startswith(f"{expected} {sorted(expected)} "), line
+    assert np.isfinite(float(line.rsplit(" ", 1)[1]))

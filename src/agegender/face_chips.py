@@ -8,6 +8,7 @@ predict and serving all cut chips here, the same way.
 """
 
 import hashlib
+import multiprocessing
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -31,6 +32,9 @@ MODEL_FILES = {
 }
 CHIP_SIZE, CHIP_PADDING = 150, 0.25
 WORK_SIZE = 256  # small crops are upscaled first, so the landmarks land on sub-pixel detail
+# Workers start as new interpreters that import this module alone: forked from a stage that
+# holds TensorFlow and the network, each would count that memory again (2.7 GB at wiki size).
+LEAN_WORKERS = multiprocessing.get_context("spawn")
 
 
 def file_sha256(path):
@@ -140,6 +144,7 @@ class ChipCutter:
         if self.pool is None:
             self.pool = ProcessPoolExecutor(
                 self.workers,
+                mp_context=LEAN_WORKERS,
                 initializer=_start_worker,
                 initargs=(self.weights_dir, self.face_margin),
             )
@@ -188,7 +193,10 @@ def chip_batches(paths, weights_dir, face_margin, workers=2, chunk=64):
         yield from map(_chips_of_files, jobs)
         return
     with ProcessPoolExecutor(
-        workers, initializer=_start_worker, initargs=(str(weights_dir), face_margin)
+        workers,
+        mp_context=LEAN_WORKERS,
+        initializer=_start_worker,
+        initargs=(str(weights_dir), face_margin),
     ) as pool:
         pending = deque(pool.submit(_chips_of_files, job) for job in jobs[: 2 * workers])
         for job in jobs[2 * workers :] + [None] * len(pending):

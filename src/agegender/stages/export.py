@@ -6,6 +6,7 @@ Each file holds the whole model: face crops (VGG16, ...) or aligned 150 px face 
 (dlib_resnet, whose face network is inside) to the outputs. The registered pyfunc model also
 carries dlib's landmark model for a dlib_resnet model, and takes face crops either way."""
 
+import gc
 import os
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def check_inputs(model, margin, count=CHECK_INPUTS):
         table = read_csv(split_table("test")).head(4 * count)
         paths = [CROP_IMAGES / path for path in table["full_path"]]
         chips = np.concatenate(
-            [chips[usable] for chips, usable in chip_batches(paths, WEIGHTS, margin)]
+            [chips[usable] for chips, usable in chip_batches(paths, WEIGHTS, margin, workers=1)]
         )
         inputs, what = chips[:count].astype(np.float32), "test chips"
     else:
@@ -105,9 +106,10 @@ def check(model, inputs):
 def main(params, run):
     original = open_model(MODEL, hint="run `dvc repro train` first")
     model = float32_model(original)
+    export_onnx(model, ONNX)  # first: the converters' leftovers add up (tf2onnx's to 1.3 GB)
+    gc.collect()
     export_saved_model(model, SAVED_MODEL)
     convert_to_tflite(SAVED_MODEL, TFLITE)
-    export_onnx(model, ONNX)
 
     inputs, what = check_inputs(model, crop_face_margin(params["crop"]))
     metrics = {
