@@ -1,5 +1,5 @@
 """Aligned face chips cut from real faces of the bundled sample: the files are checked, chips
-are deterministic over any number of processes, and carry who the face is and its gender (through
+are the same however they are batched, and carry who the face is and its gender (through
 dlib's face network in Keras); what is not a face is counted, not cut."""
 
 import shutil
@@ -34,8 +34,8 @@ def labelled_faces(sample_dir):
     return records.assign(path=[sample_dir / path for path in records["full_path"]])
 
 
-def chips_of_files(paths, face_models, workers, chunk=64):
-    parts = list(chip_batches(paths, face_models, 0.4, workers=workers, chunk=chunk))
+def chips_of_files(paths, face_models, chunk=64):
+    parts = list(chip_batches(paths, face_models, 0.4, chunk=chunk))
     return np.concatenate([c for c, _ in parts]), np.concatenate([u for _, u in parts])
 
 
@@ -88,20 +88,18 @@ def test_blank_image_has_no_landmarks_and_faces_have_chips(face_models, labelled
     assert not chips[0].any() and all(chip.std() > 10 for chip in chips[1:])
 
 
-def test_parallel_cutting_keeps_order_and_values(face_models, labelled_faces, tmp_path):
+def test_chunks_cut_ahead_keep_order_and_values(face_models, labelled_faces, tmp_path):
     broken = tmp_path / "broken.jpg"
     broken.write_bytes(b"not a jpeg")
     paths = [*labelled_faces["path"][:9], broken]
-    one, usable_one = chips_of_files(paths, face_models, workers=1, chunk=3)
-    two, usable_two = chips_of_files(paths, face_models, workers=2, chunk=3)
-    np.testing.assert_array_equal(one, two)
-    np.testing.assert_array_equal(usable_one, usable_two)
-    assert usable_one[:9].all() and not usable_one[9]  # unreadable: counted as no landmarks
+    by_three, usable = chips_of_files(paths, face_models, chunk=3)  # 4 chunks, 2 cut ahead
+    whole, usable_whole = chips_of_files(paths, face_models, chunk=100)
+    np.testing.assert_array_equal(by_three, whole)
+    np.testing.assert_array_equal(usable, usable_whole)
+    assert usable[:9].all() and not usable[9]  # unreadable: counted as no landmarks
     faces = [Image.open(path).convert("RGB") for path in paths[:9]]
-    shared = ChipCutter(face_models, 0.4, workers=2)
-    np.testing.assert_array_equal(shared.chips(faces)[0], one[:9])
-    np.testing.assert_array_equal(shared.chips(faces[:1])[0], one[:1])  # the pool is reused
-    shared.pool.shutdown()
+    np.testing.assert_array_equal(ChipCutter(face_models, 0.4).chips(faces)[0], whole[:9])
+    assert len({chip.tobytes() for chip in whole[:9]}) == 9  # nine faces, nine chips
 
 
 def test_chips_carry_gender_through_the_face_network(face_models, labelled_faces):
@@ -113,7 +111,7 @@ def test_chips_carry_gender_through_the_face_network(face_models, labelled_faces
     from agegender.face_network import face_network
 
     faces = labelled_faces.head(240)
-    chips, usable = chips_of_files(list(faces["path"]), face_models, workers=2)
+    chips, usable = chips_of_files(list(faces["path"]), face_models)
     network = face_network(face_models / MODEL_FILES["descriptor"][0])
     rows = np.concatenate(
         [network.predict_on_batch(chips[i : i + 64].astype(np.float32)) for i in range(0, 240, 64)]

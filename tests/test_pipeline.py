@@ -159,9 +159,7 @@ def test_repro_rerun_experiment_and_mlflow(repo):
         assert parent.data.params["train.epochs"] == "1"
         assert 0 <= parent.data.metrics["test.gender.accuracy"] <= 1
     tagged = [
-        parent
-        for parent in parents.values()
-        if parent.data.tags.get("dvc.exp_name") == "finetune"
+        parent for parent in parents.values() if parent.data.tags.get("dvc.exp_name") == "finetune"
     ]
     assert len(tagged) == 1 and sorted(children[tagged[0].info.run_id]) == AFTER_TRAINING
     import mlflow

@@ -8,9 +8,8 @@ predict and serving all cut chips here, the same way.
 """
 
 import hashlib
-import multiprocessing
 from collections import deque
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -32,9 +31,6 @@ MODEL_FILES = {
 }
 CHIP_SIZE, CHIP_PADDING = 150, 0.25
 WORK_SIZE = 256  # small crops are upscaled first, so the landmarks land on sub-pixel detail
-# Workers start as new interpreters that import this module alone: forked from a stage that
-# holds TensorFlow and the network, each would count that memory again (2.7 GB at wiki size).
-LEAN_WORKERS = multiprocessing.get_context("spawn")
 
 
 def file_sha256(path):
@@ -95,10 +91,11 @@ def check_landmarks_file(directory, verify=True):
 
 
 class ChipCutter:
-    """dlib's 5-point landmark model, loaded once; `workers` > 1 shares long lists of crops with
-    that many processes."""
+    """dlib's 5-point landmark model, loaded once. Cutting a chip costs about 1 ms, a tenth of
+    what the network then does with it, so it runs in the caller's process: worker processes
+    would each count the stage's TensorFlow memory again."""
 
-    def __init__(self, weights_dir, face_margin, verify=True, workers=1):
+    def __init__(self, weights_dir, face_margin, verify=True):
         import dlib
 
         path = check_landmarks_file(weights_dir, verify)
@@ -110,7 +107,6 @@ class ChipCutter:
                 f"run `dvc repro download_weights` again."
             ) from None
         self.dlib, self.face_margin = dlib, face_margin
-        self.weights_dir, self.workers, self.pool = str(weights_dir), workers, None
 
     def chip(self, image):
         """The aligned 150 px chip of a face crop (RGB PIL image), or ImageSkip("no_landmarks")."""
@@ -124,9 +120,10 @@ class ChipCutter:
             raise ImageSkip("no_landmarks")
         return self.dlib.get_face_chip(work, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
 
-    def chips_alone(self, images):
+    def chips(self, images):
         """(N, 150, 150, 3) uint8 chips and (N,) bool: whether each crop had landmarks (a
         black chip where not)."""
+        images = list(images)
         chips = np.zeros((len(images), CHIP_SIZE, CHIP_SIZE, 3), np.uint8)
         usable = np.zeros(len(images), bool)
         for index, image in enumerate(images):
@@ -136,73 +133,33 @@ class ChipCutter:
                 continue
         return chips, usable
 
-    def chips(self, images):
-        """`chips_alone`, over the worker processes when there are several and enough crops."""
-        images = list(images)
-        if self.workers <= 1 or len(images) < 2 * self.workers:
-            return self.chips_alone(images)
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(
-                self.workers,
-                mp_context=LEAN_WORKERS,
-                initializer=_start_worker,
-                initargs=(self.weights_dir, self.face_margin),
-            )
-        size = -(-len(images) // self.workers)
-        parts = self.pool.map(
-            _chips_of_images,
-            [images[start : start + size] for start in range(0, len(images), size)],
-        )
-        chips, usable = zip(*parts)
-        return np.concatenate(chips), np.concatenate(usable)
+    def chips_of_files(self, paths):
+        """`chips` of crop files; an unreadable file counts as a face without landmarks."""
+        from PIL import Image
+
+        images = []
+        for path in paths:
+            try:
+                images.append(load_rgb(path))
+            except ImageSkip:
+                images.append(Image.new("RGB", (WORK_SIZE, WORK_SIZE)))
+        return self.chips(images)
 
 
-_worker_cutter = None
-
-
-def _start_worker(weights_dir, face_margin):
-    global _worker_cutter
-    _worker_cutter = ChipCutter(weights_dir, face_margin, verify=False)
-
-
-def _chips_of_images(images):
-    return _worker_cutter.chips_alone(images)
-
-
-def _chips_of_files(paths):
-    from PIL import Image
-
-    images = []
-    for path in paths:
-        try:
-            images.append(load_rgb(path))
-        except ImageSkip:
-            images.append(Image.new("RGB", (WORK_SIZE, WORK_SIZE)))  # counted as no_landmarks
-    return _worker_cutter.chips_alone(images)
-
-
-def chip_batches(paths, weights_dir, face_margin, workers=2, chunk=64):
-    """Chips of the face crops in `paths` as (chips, usable) pairs of `chunk` crops, in order,
-    cut over `workers` processes. A generator that keeps at most two chunks per worker in
-    flight, so a slower consumer (the network) holds a few chunks, not a split, in memory."""
-    check_landmarks_file(weights_dir)
+def chip_batches(paths, weights_dir, face_margin, chunk=64, ahead=2):
+    """Chips of the face crops in `paths` as (chips, usable) pairs of `chunk` crops, in order.
+    A generator that cuts up to `ahead` chunks in a thread while the caller works on the last
+    one (TensorFlow runs the network outside the GIL), so both overlap and only a few chunks
+    are held in memory."""
+    cutter = ChipCutter(weights_dir, face_margin)
     paths = [str(path) for path in paths]
     jobs = [paths[start : start + chunk] for start in range(0, len(paths), chunk)]
-    if workers <= 1:
-        _start_worker(weights_dir, face_margin)
-        yield from map(_chips_of_files, jobs)
-        return
-    with ProcessPoolExecutor(
-        workers,
-        mp_context=LEAN_WORKERS,
-        initializer=_start_worker,
-        initargs=(str(weights_dir), face_margin),
-    ) as pool:
-        pending = deque(pool.submit(_chips_of_files, job) for job in jobs[: 2 * workers])
-        for job in jobs[2 * workers :] + [None] * len(pending):
+    with ThreadPoolExecutor(1, thread_name_prefix="chips") as pool:
+        pending = deque(pool.submit(cutter.chips_of_files, job) for job in jobs[:ahead])
+        for job in jobs[ahead:] + [None] * len(pending):
             done = pending.popleft().result()
             if job is not None:
-                pending.append(pool.submit(_chips_of_files, job))
+                pending.append(pool.submit(cutter.chips_of_files, job))
             yield done
 
 

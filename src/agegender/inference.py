@@ -155,7 +155,6 @@ class Predictor:
         params=PARAMS,
         weights_dir=WEIGHTS,
         batch_size=32,
-        workers=1,
         hint="run `dvc repro train`",
         weights_hint="",
     ):
@@ -169,7 +168,7 @@ class Predictor:
             from agegender.face_chips import ChipCutter
 
             try:
-                cutter = ChipCutter(weights_dir, settings["face_margin"], workers=workers)
+                cutter = ChipCutter(weights_dir, settings["face_margin"])
             except PipelineError as error:
                 raise PipelineError(f"{error} {weights_hint}".strip()) from None
         return cls(model, cutter, batch_size=batch_size, **settings)

@@ -107,7 +107,7 @@ def main(params, run):
     edges, cs_years = section["age_bins"], section["cs_years"]
     train, test = read_csv(split_table("train")), read_csv(split_table("test"))
     split_size = len(test)
-    predictor = Predictor.load(MODEL, params, WEIGHTS, section["batch_size"], workers=2)
+    predictor = Predictor.load(MODEL, params, WEIGHTS, section["batch_size"])
     if takes_chips(predictor.model):  # chips cut as predict cuts them; no landmarks: left out
         outputs = predictor.outputs_of_files([CROP_IMAGES / p for p in test["full_path"]])
         found = ~np.isnan(outputs["gender"]).any(axis=1)

@@ -54,7 +54,7 @@ def check_inputs(model, margin, count=CHECK_INPUTS):
         table = read_csv(split_table("test")).head(4 * count)
         paths = [CROP_IMAGES / path for path in table["full_path"]]
         chips = np.concatenate(
-            [chips[usable] for chips, usable in chip_batches(paths, WEIGHTS, margin, workers=1)]
+            [chips[usable] for chips, usable in chip_batches(paths, WEIGHTS, margin)]
         )
         inputs, what = chips[:count].astype(np.float32), "test chips"
     else:

@@ -111,7 +111,6 @@ def main(params, run):
             WEIGHTS,
             batch_size=params["evaluate"]["batch_size"],
             hint="run `dvc repro train` first",
-            workers=os.cpu_count() or 1,
         )
         if sets
         else None

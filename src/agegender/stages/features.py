@@ -5,8 +5,8 @@ The frozen part of the backbone over train (and train's mirror images when augme
 flips) and val, in batches of `features.batch_size`; its weights are saved beside the features,
 so train rebuilds exactly the network that made the cache. For dlib's face-recognition network
 (`dlib_resnet`, rebuilt in Keras from dlib's own file) the network reads aligned face chips,
-cut from each crop's 5-point landmarks on every core; faces whose landmarks can't be found are
-counted and left out.
+cut from each crop's 5-point landmarks in a thread while the network (on every core) runs;
+faces whose landmarks can't be found are counted and left out.
 """
 
 import os
@@ -88,13 +88,13 @@ def face_features(params, versions):
         **network_settings(params), weights_file=WEIGHTS / MODEL_FILES["descriptor"][0]
     )
     network, shape = networks.feature_extractor, tuple(networks.feature_extractor.output.shape[1:])
-    margin, workers = crop_face_margin(params["crop"]), os.cpu_count() or 1
+    margin = crop_face_margin(params["crop"])
     tables = {split: read_split(split) for split in ("train", "val")}
     missing = {split: np.zeros(len(table), dtype=bool) for split, table in tables.items()}
     for split, table in tables.items():
         flip = f"{split}_flipped" in dict(versions)
         paths = [CROP_IMAGES / path for path in table["full_path"]]
-        chunks = chip_batches(paths, WEIGHTS, margin, workers=workers, chunk=256)
+        chunks = chip_batches(paths, WEIGHTS, margin, chunk=256)
         mirrored = [] if flip else None
         rows = chip_features(
             network, chunks, params["features"]["batch_size"], mirrored, missing[split]
