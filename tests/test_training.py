@@ -80,6 +80,7 @@ def test_settings_map_the_params(repo_params):
         augment={"flip": False, "brightness": 0.3},
     )
     params["seed"] = 9
+    params["model"]["face_features"] = "pooled"
     settings = network_settings(params)
     assert settings == {
         "input_size": 96,
@@ -92,6 +93,7 @@ def test_settings_map_the_params(repo_params):
         "flip": False,
         "brightness": 0.3,
         "seed": 9,
+        "face_features": "pooled",
     }
     inspect.signature(build_networks).bind(
         **settings, weights_file=None

@@ -25,7 +25,7 @@ from agegender.training import saved_state
 
 pytestmark = pytest.mark.slow
 
-LIMIT = 150  # faces kept by the filter; with these, the plateau halves the rate twice in 15 epochs
+LIMIT = 150  # faces kept by the filter; with these, the rate is halved after the best epoch
 TRAIN = [sys.executable, "-m", "agegender.stages.train"]
 BACKUP = "data/train_backup"
 OUTPUTS = ("metrics/train.json", "metrics/train_history.csv", "models/model.keras")
@@ -123,7 +123,7 @@ def trained_epochs(output):
 def test_killed_twice_at_the_default_params_ends_as_an_uninterrupted_run(workdir):
     """The kills land where the old resume went wrong: right after the plateau schedule lowered
     the rate (the backup held the rate from before), and after the best epoch (early stopping
-    started again and kept the best of the epochs after the resume)."""
+    started again and kept the best of the epochs after the resume), whichever comes first."""
     repo, env = workdir
     params = yaml.safe_load((repo / "params.yaml").read_text())
     defaults = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -135,12 +135,13 @@ def test_killed_twice_at_the_default_params_ends_as_an_uninterrupted_run(workdir
     assert len(trained_epochs(uninterrupted_output)) == len(rates) == uninterrupted[0]["epochs_run"]
     lowered = next(epoch for epoch in range(1, len(rates)) if rates[epoch] < rates[epoch - 1])
     best = uninterrupted[0]["best_epoch"]
-    assert lowered < best < len(rates)  # with these faces; any other kills must work as well
+    first, second = sorted((lowered, best))
+    assert first < second < len(rates)  # with these faces; any other kills must work as well
 
-    assert kill_after(repo, env, "head", lowered) >= lowered
-    assert kill_after(repo, env, "head", best) >= best  # this run resumed from the first kill
+    assert kill_after(repo, env, "head", first) >= first
+    assert kill_after(repo, env, "head", second) >= second  # this run resumed from the first kill
     resumed_output = train(repo, env)
-    assert trained_epochs(resumed_output)[0][0] > best
+    assert trained_epochs(resumed_output)[0][0] > second
     assert_same(results(repo), uninterrupted)
     assert not (repo / BACKUP).exists()
 
