@@ -21,7 +21,6 @@ import numpy as np
 from agegender.errors import PipelineError
 from agegender.face_chips import crop_face_margin
 from agegender.images import (
-    ImageSkip,
     as_array,
     crop_face,
     face_box_in_crop,
@@ -217,10 +216,7 @@ class Predictor:
                     "dlib's landmark model to cut them; give the folder holding "
                     "shape_predictor_5_face_landmarks.dat (default data/weights)."
                 )
-            chips, usable = self.cutter.chips(crops)
-            chips = chips.astype(np.float32)
-            chips[~usable] = np.nan
-            return chips
+            return chips_with_gaps(*self.cutter.chips(crops))
         size = self.model.input_shape[1]
         pixels = [
             as_array(crop if crop.size == (size, size) else resize_whole(crop, size))
@@ -253,23 +249,26 @@ class Predictor:
         return self.outputs_of_inputs(self.inputs(crops))
 
     def outputs_of_files(self, paths, chunk=512):
-        """The outputs for crop files already framed as the training crops, `chunk` at a time
-        (a chip in float32 is 270 KB); an unreadable file is read as a black crop (for a chip
-        model: no landmarks, a NaN row)."""
-        from PIL import Image
-
-        parts = []
-        for start in range(0, len(paths), chunk):
-            crops = []
-            for path in paths[start : start + chunk]:
-                try:
-                    crops.append(load_rgb(path))
-                except ImageSkip:
-                    crops.append(Image.new("RGB", (self.size, self.size)))  # no landmarks
-            parts.append(self.outputs(crops))
+        """The outputs of a chip model for crop files already framed as the training crops,
+        `chunk` at a time (a chip in float32 is 270 KB); a file without landmarks, or
+        unreadable, gives a NaN row."""
+        parts = [
+            self.outputs_of_inputs(
+                chips_with_gaps(*self.cutter.chips_of_files(paths[at : at + chunk]))
+            )
+            for at in range(0, len(paths), chunk)
+        ]
         if not parts:
             return self.outputs([])
         return {task: np.concatenate([part[task] for part in parts]) for task in parts[0]}
+
+
+def chips_with_gaps(chips, usable):
+    """Chips as the network reads them, float32, NaN where no landmarks were found (those rows
+    are not run and stay NaN in the outputs)."""
+    chips = chips.astype(np.float32)
+    chips[~usable] = np.nan
+    return chips
 
 
 def answer_columns(outputs, bins):
