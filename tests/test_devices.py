@@ -1,4 +1,4 @@
-"""agegender.devices: auto settings, who writes, and the CPU set-up under both backends."""
+"""agegender.nets.devices: auto settings, who writes, and the CPU set-up under both backends."""
 
 import json
 import os
@@ -10,8 +10,8 @@ import pytest
 tf = pytest.importorskip("tensorflow")
 keras = pytest.importorskip("keras")
 
-from agegender import devices  # noqa: E402
-from agegender.errors import PipelineError  # noqa: E402
+from agegender.contracts.errors import PipelineError  # noqa: E402
+from agegender.nets import devices  # noqa: E402
 
 PLAIN_KEYS = ("gpus", "replicas", "mixed_precision", "jit_compile", "chief", "processes", "sharded")
 
@@ -92,7 +92,7 @@ def test_cpu_setup_under_jax():
     at import): XLA on (JAX's way to run a step), and TensorFlow not even imported."""
     pytest.importorskip("jax")
     script = (
-        "import json; from agegender import devices; "
+        "import json; from agegender.nets import devices; "
         "setup = devices.configure('auto', 'auto', True); "
         f"print(json.dumps({{key: setup[key] for key in {PLAIN_KEYS!r}}})); "
         "import sys; print('tensorflow' in sys.modules)"

@@ -13,11 +13,11 @@ from pathlib import Path
 import pytest
 from conftest import REPO
 
-from agegender import datasets
-from agegender.errors import PipelineError
-from agegender.face_chips import MODEL_FILES
-from agegender.fetch import md5_of
-from agegender.params import BACKBONES
+from agegender.contracts.errors import PipelineError
+from agegender.contracts.params import BACKBONES
+from agegender.facedata import sources
+from agegender.facedata.face_chips import MODEL_FILES
+from agegender.facedata.fetch import md5_of
 from agegender.stages import download
 from agegender.stages.download import download_data, download_weights
 
@@ -62,7 +62,7 @@ def test_archive_of_another_dataset_is_an_error(project, tmp_path):
 
 def test_weights_with_wrong_md5_in_cache_is_an_error(project):
     params = project(model={"weights": "imagenet", "backbone": "vgg16"})
-    name = datasets.weights_source("vgg16", params["train"]["input_size"])["file"]
+    name = sources.weights_source("vgg16", params["train"]["input_size"])["file"]
     Path("data/downloads").mkdir(parents=True)
     Path("data/downloads", name).write_bytes(b"not the weights")
     with pytest.raises(PipelineError, match="md5"):
@@ -71,7 +71,7 @@ def test_weights_with_wrong_md5_in_cache_is_an_error(project):
 
 def test_imagenet_weights_over_http(project, server, monkeypatch):
     params = project(model={"weights": "imagenet", "backbone": "vgg16"}, train={"input_size": 224})
-    source = datasets.WEIGHTS["vgg16"]["top"]
+    source = sources.WEIGHTS["vgg16"]["top"]
     name = source["url"].rsplit("/", 1)[-1]
     server.files["/" + name] = b"fake h5 weights"
     (Path.cwd() / "fake.h5").write_bytes(b"fake h5 weights")
@@ -145,9 +145,9 @@ def keras_weights(backbone):
 
 @pytest.mark.parametrize("backbone", [name for name in BACKBONES if name != "dlib_resnet"])
 def test_weights_match_the_hashes_keras_publishes(backbone):
-    assert backbone in datasets.WEIGHTS, f"no WEIGHTS entry for {backbone}"
+    assert backbone in sources.WEIGHTS, f"no WEIGHTS entry for {backbone}"
     top, notop = keras_weights(backbone)
-    entry = datasets.WEIGHTS[backbone]
+    entry = sources.WEIGHTS[backbone]
     assert (entry["top"]["url"], entry["top"]["md5"]) == top
     assert (entry["notop"]["url"], entry["notop"]["md5"]) == notop
 
@@ -156,16 +156,16 @@ KERAS_BACKBONES = [name for name in BACKBONES if name != "dlib_resnet"]
 
 
 def test_every_keras_backbone_of_params_has_a_keras_source():
-    assert set(KERAS_SOURCES) == set(KERAS_BACKBONES) == set(datasets.WEIGHTS)
+    assert set(KERAS_SOURCES) == set(KERAS_BACKBONES) == set(sources.WEIGHTS)
 
 
 @pytest.mark.parametrize("backbone", KERAS_BACKBONES)
 @pytest.mark.parametrize("size", [64, 224])
 def test_only_vgg16_at_224_uses_the_top_file(backbone, size):
-    source = datasets.weights_source(backbone, size)
+    source = sources.weights_source(backbone, size)
     variant = "top" if backbone == "vgg16" and size == 224 else "notop"
     assert source == {
-        **datasets.WEIGHTS[backbone][variant],
+        **sources.WEIGHTS[backbone][variant],
         "file": source["url"].rsplit("/", 1)[-1],
     }
     assert source["file"].endswith(".h5") and "/" not in source["file"]

@@ -26,7 +26,7 @@ FIGURES = {
 
 @pytest.fixture(scope="module")
 def tiny_model(tmp_path_factory):
-    from agegender.model import build_networks
+    from agegender.nets.model import build_networks
 
     path = tmp_path_factory.mktemp("evaluate") / "model.keras"
     build_networks(32, head_units=(8,), trainable_layers=0).image_model.save(path)

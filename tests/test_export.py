@@ -19,10 +19,10 @@ import pytest
 import tensorflow as tf
 from conftest import REPO
 
-from agegender import serving
-from agegender.layout import CROP_IMAGES, STAGE_METRICS, WEIGHTS, split_table
-from agegender.model import build_networks, load_model
-from agegender.serving import float32_model
+from agegender.contracts.layout import CROP_IMAGES, STAGE_METRICS, WEIGHTS, split_table
+from agegender.inference import pyfunc
+from agegender.inference.pyfunc import float32_model
+from agegender.nets.model import build_networks, load_model
 from agegender.stages import export
 
 SIZE = 32
@@ -230,7 +230,7 @@ def test_export_goes_on_when_mlflow_logging_fails(exported, monkeypatch, capsys)
     def broken(*args, **kwargs):
         raise RuntimeError("registry unavailable")
 
-    monkeypatch.setattr(serving, "log_pyfunc", broken)
+    monkeypatch.setattr(pyfunc, "log_pyfunc", broken)
     with pytest.warns(UserWarning, match="registry unavailable"):
         export.main()
     assert export.TFLITE.is_file() and STAGE_METRICS["export"].is_file()
@@ -267,7 +267,7 @@ def test_float32_model_of_a_mixed_precision_model():
 EXPORT_IN_A_FRESH_PROCESS = """
 import sys
 import keras
-from agegender.exporters import export_saved_model
+from agegender.inference.exporters import export_saved_model
 
 keras.utils.set_random_seed(0)
 inputs = keras.Input((16,))
@@ -299,8 +299,8 @@ def test_the_saved_model_is_the_same_bytes_every_time(tmp_path):
 
 ONNX_IN_A_FRESH_PROCESS = """
 import sys
-from agegender.model import load_model
-from agegender.exporters import export_onnx
+from agegender.nets.model import load_model
+from agegender.inference.exporters import export_onnx
 
 model = load_model(sys.argv[1])
 for copy in sys.argv[2:]:

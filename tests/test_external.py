@@ -1,4 +1,5 @@
-"""agegender.external and the evaluate_external stage: UTKFace names and CSV rows parsed (bad ones
+"""agegender.evaluation.external_sets and the evaluate_external stage:
+UTKFace names and CSV rows parsed (bad ones
 counted, not fatal), params checked, figures computed by hand, the report text; the stage end to
 end on real faces with a tiny image model and a dlib_resnet model (chips), and on real UTKFace
 faces when ../shared has them."""
@@ -15,10 +16,10 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
-from agegender import external
-from agegender.errors import PipelineError
-from agegender.metrics import age_bin, bin_labels
-from agegender.report import external_section
+from agegender.contracts.errors import PipelineError
+from agegender.contracts.labels import age_bin, bin_labels
+from agegender.evaluation import external_sets
+from agegender.evaluation.report import external_section
 from agegender.stages import external as stage
 
 EDGES = [0, 10, 20, 30, 40, 50, 60]
@@ -40,7 +41,7 @@ UTKFACE = REPO.parent / "shared" / "data" / "utkface" / "images"
     ],
 )
 def test_utkface_names_parse_with_the_project_gender_coding(name, labels):
-    assert external.parse_utkface_name(name) == labels
+    assert external_sets.parse_utkface_name(name) == labels
 
 
 @pytest.mark.parametrize(
@@ -56,7 +57,7 @@ def test_utkface_names_parse_with_the_project_gender_coding(name, labels):
 )
 def test_bad_utkface_names_say_why(name, why):
     with pytest.raises(ValueError, match=re.escape(why)):
-        external.parse_utkface_name(name)
+        external_sets.parse_utkface_name(name)
 
 
 def test_utkface_folder_rows_and_bad_names_in_path_order(tmp_path):
@@ -69,7 +70,7 @@ def test_utkface_folder_rows_and_bad_names_in_path_order(tmp_path):
     ):
         (tmp_path / name).parent.mkdir(exist_ok=True)
         (tmp_path / name).write_bytes(b"")
-    table, bad = external.utkface_records(tmp_path)
+    table, bad = external_sets.utkface_records(tmp_path)
     assert table["file"].tolist() == [
         "20_0_1_2017.jpg",
         "3_0_0_x.png",
@@ -105,7 +106,7 @@ def test_csv_rows_with_ages_and_groups(tmp_path):
             "img/i.jpg,130,f,,,",
         ],
     )
-    table, bad = external.csv_records(csv)
+    table, bad = external_sets.csv_records(csv)
     assert table["file"].tolist() == ["img/a.jpg", "img/b.jpg", "img/c.jpg", "img/d.jpg"]
     assert table["path"].tolist() == [
         str(tmp_path / "set" / "img" / f"{letter}.jpg") for letter in "abcd"
@@ -135,8 +136,8 @@ def test_csv_rows_with_ages_and_groups(tmp_path):
 def test_csv_needs_path_age_gender(tmp_path):
     csv = write_csv(tmp_path / "labels.csv", ["a.jpg,20"], header="file,age")
     with pytest.raises(PipelineError, match=r"lacks the column\(s\) path, gender"):
-        external.csv_records(csv)
-    table, bad = external.csv_records(
+        external_sets.csv_records(csv)
+    table, bad = external_sets.csv_records(
         write_csv(tmp_path / "minimal.csv", ["a.jpg,20,f"], header="path,age,gender")
     )
     assert table["gender"].tolist() == [0] and table["ethnicity"].tolist() == [""] and bad == []
@@ -189,7 +190,7 @@ def test_check_sets_names_the_key_and_what_to_do(tmp_path, monkeypatch, sets, me
     (tmp_path / "faces").mkdir()
     (tmp_path / "l.csv").write_text("path,age,gender\n")
     with pytest.raises(PipelineError, match=message):
-        external.check_sets(sets)
+        external_sets.check_sets(sets)
 
 
 def test_check_sets_accepts_good_sets_and_margins_default_per_format(tmp_path, monkeypatch):
@@ -200,10 +201,13 @@ def test_check_sets_accepts_good_sets_and_margins_default_per_format(tmp_path, m
         {"name": "utk", "format": "utkface", "path": "faces"},
         {"name": "fair.face-1", "format": "csv", "path": "l.csv", "face_margin": 0.25},
     ]
-    external.check_sets(sets)
-    external.check_sets([])
-    assert external.face_margin(sets[0], 0.4) == 0.0 and external.face_margin(sets[1], 0.4) == 0.25
-    assert external.face_margin({"format": "csv"}, 0.4) == 0.4
+    external_sets.check_sets(sets)
+    external_sets.check_sets([])
+    assert (
+        external_sets.face_margin(sets[0], 0.4) == 0.0
+        and external_sets.face_margin(sets[1], 0.4) == 0.25
+    )
+    assert external_sets.face_margin({"format": "csv"}, 0.4) == 0.4
 
 
 # ---------------------------------------------------------------- figures
@@ -239,7 +243,7 @@ def hand_made():
 
 def test_score_by_hand():
     table, outputs = hand_made()
-    metrics = external.score(table, outputs, EDGES, 5)
+    metrics = external_sets.score(table, outputs, EDGES, 5)
     assert metrics["gender"] == {"accuracy": 0.8, "majority_baseline": 0.6, "majority": "male"}
     age = metrics["age"]
     assert (
@@ -288,8 +292,8 @@ def test_score_by_hand():
 
     # a group miss, and a set without groups or ethnicity
     outputs["age"][4] = one_hot([60])[0]
-    assert external.score(table, outputs, EDGES, 5)["age_group"]["accuracy"] == 0.5
-    plain = external.score(
+    assert external_sets.score(table, outputs, EDGES, 5)["age_group"]["accuracy"] == 0.5
+    plain = external_sets.score(
         table.iloc[:3].assign(ethnicity=""), {k: v[:3] for k, v in outputs.items()}, EDGES, 5
     )
     assert "age_group" not in plain and "by_ethnicity" not in plain
@@ -297,14 +301,14 @@ def test_score_by_hand():
 
 
 def test_rounded_and_headline():
-    assert external.rounded({"a": [np.float64(1 / 3)], "b": math.nan, "c": np.int64(2)}) == {
+    assert external_sets.rounded({"a": [np.float64(1 / 3)], "b": math.nan, "c": np.int64(2)}) == {
         "a": [0.333333],
         "b": None,
         "c": 2,
     }
     table, outputs = hand_made()
-    metrics = {"images": 7, "scored": 5, **external.score(table, outputs, EDGES, 5)}
-    assert external.headline(metrics, 5) == {
+    metrics = {"images": 7, "scored": 5, **external_sets.score(table, outputs, EDGES, 5)}
+    assert external_sets.headline(metrics, 5) == {
         "images": 7,
         "scored": 5,
         "gender_accuracy": 0.8,
@@ -317,7 +321,7 @@ def test_rounded_and_headline():
 
 def set_metrics():
     table, outputs = hand_made()
-    return external.rounded(
+    return external_sets.rounded(
         {
             "format": "csv",
             "path": "faces/labels.csv",
@@ -326,7 +330,7 @@ def set_metrics():
             "scored": 5,
             "skipped": {"unreadable": 1, "no_landmarks": 1},
             "unparseable": {"count": 1, "first": ["row 3 (x.jpg): no path"]},
-            **external.score(table, outputs, EDGES, 5),
+            **external_sets.score(table, outputs, EDGES, 5),
         }
     )
 
@@ -363,7 +367,7 @@ def test_report_section_text():
 
 @pytest.fixture(scope="module")
 def tiny_image_model(tmp_path_factory):
-    from agegender.model import build_networks
+    from agegender.nets.model import build_networks
 
     path = tmp_path_factory.mktemp("external") / "model.keras"
     build_networks(input_size=32, backbone="vgg16", head_units=[8]).image_model.save(path)
@@ -605,10 +609,12 @@ def test_stage_with_a_chip_model(project, chip_model, sample_dir):
 def test_real_utkface_faces(project, chip_model):
     """All real names parse as the dataset documents them; an even sample of the real tight faces,
     re-framed from margin 0 (the utkface default), gives dlib landmarks."""
-    table, bad = external.utkface_records(UTKFACE)
+    table, bad = external_sets.utkface_records(UTKFACE)
     files = sorted(p.name for p in UTKFACE.iterdir())
     assert len(table) + len(bad) == len(files) and len(bad) == 0
-    assert set(table["gender"]) == {0, 1} and set(table["ethnicity"]) == set(external.UTK_RACES)
+    assert set(table["gender"]) == {0, 1} and set(table["ethnicity"]) == set(
+        external_sets.UTK_RACES
+    )
     assert table["age"].min() < 10 and table["age"].max() >= 80
     first = files[0].split("_")
     assert table.loc[table["file"] == files[0], "gender"].item() == 1 - int(first[1])
@@ -629,5 +635,5 @@ def test_real_utkface_faces(project, chip_model):
         utk["scored"] >= 0.9 * count
         and utk["scored"] + utk["skipped"].get("no_landmarks", 0) == count
     )
-    assert set(utk["by_ethnicity"]) <= set(external.UTK_RACES)
+    assert set(utk["by_ethnicity"]) <= set(external_sets.UTK_RACES)
     assert sum(row["count"] for row in utk["by_ethnicity"].values()) == utk["scored"]

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agegender.errors import PipelineError
-from agegender.face_chips import (
+from agegender.contracts.errors import PipelineError
+from agegender.facedata.face_chips import (
     CHIP_SIZE,
     MODEL_FILES,
     ChipCutter,
@@ -18,7 +18,7 @@ from agegender.face_chips import (
     crop_face_margin,
     landmarks_plausible,
 )
-from agegender.imdbwiki import read_mat
+from agegender.facedata.imdbwiki import read_mat
 
 
 @pytest.fixture(scope="session")
@@ -108,7 +108,7 @@ def test_chips_carry_gender_through_the_face_network(face_models, labelled_faces
     majority share."""
     from sklearn.linear_model import LogisticRegression
 
-    from agegender.face_network import face_network
+    from agegender.nets.face_network import face_network
 
     faces = labelled_faces.head(240)
     chips, usable = chips_of_files(list(faces["path"]), face_models)

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agegender.errors import PipelineError
-from agegender.face_chips import ChipCutter
-from agegender.face_network import (
+from agegender.contracts.errors import PipelineError
+from agegender.facedata.face_chips import ChipCutter
+from agegender.nets.face_network import (
     CHIP_SIZE,
     check_chips,
     face_network,
@@ -76,7 +76,7 @@ def test_descriptors_are_dlibs_on_real_faces(network, faces):
 JAX_PARITY = """
 import sys
 import keras, numpy as np
-from agegender.face_network import face_network
+from agegender.nets.face_network import face_network
 assert keras.backend.backend() == "jax"
 chips, expected = np.load(sys.argv[1]), np.load(sys.argv[2])
 print(np.abs(face_network(sys.argv[3]).predict_on_batch(chips) - expected).max())

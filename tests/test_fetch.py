@@ -9,9 +9,9 @@ import tarfile
 
 import pytest
 
-from agegender import fetch
-from agegender.errors import PipelineError
-from agegender.fetch import download, extract
+from agegender.contracts.errors import PipelineError
+from agegender.facedata import fetch
+from agegender.facedata.fetch import download, extract
 
 
 @pytest.fixture(autouse=True)

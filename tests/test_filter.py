@@ -1,4 +1,4 @@
-"""agegender.imdbwiki and the filter stage: the .mat as a table, and the cleaning rules."""
+"""agegender.facedata.imdbwiki and the filter stage: the .mat as a table, and the cleaning rules."""
 
 import json
 import math
@@ -15,8 +15,8 @@ import scipy.io
 import yaml
 from conftest import REPO
 
-from agegender.errors import PipelineError
-from agegender.imdbwiki import age_at_photo, apply_filter, birth_date, box_of, read_mat
+from agegender.contracts.errors import PipelineError
+from agegender.facedata.imdbwiki import age_at_photo, apply_filter, birth_date, box_of, read_mat
 
 FILTER = yaml.safe_load((REPO / "params.yaml").read_text())["filter"]
 

@@ -1,4 +1,4 @@
-"""agegender.images: decoding whatever a dataset holds, and the face geometry."""
+"""agegender.facedata.images: decoding whatever a dataset holds, and the face geometry."""
 
 import struct
 import zlib
@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agegender.images import (
+from agegender.facedata.images import (
     ImageSkip,
     as_array,
     crop_face,

@@ -1,11 +1,11 @@
-"""agegender.losses: the age-loss choices behave as their papers describe."""
+"""agegender.nets.losses: the age-loss choices behave as their papers describe."""
 
 import numpy as np
 import pytest
 
 keras = pytest.importorskip("keras")
 
-from agegender.losses import HeadLoss  # noqa: E402
+from agegender.nets.losses import HeadLoss  # noqa: E402
 
 AGES = 101
 

@@ -1,14 +1,13 @@
-"""agegender.metrics: DEX expected-value age, CS@n, exact and binned accuracy, gender baselines."""
+"""agegender.evaluation.metrics: DEX expected-value age, CS@n, exact and binned
+accuracy, gender baselines."""
 
 import numpy as np
 import pytest
 
-from agegender.metrics import (
+from agegender.contracts.labels import age_bin, bin_labels, bin_probabilities
+from agegender.evaluation.metrics import (
     AGES,
-    age_bin,
     age_metrics,
-    bin_labels,
-    bin_probabilities,
     gender_metrics,
     mean_age_baseline,
     per_age_bin,

@@ -1,4 +1,4 @@
-"""agegender.model: the backbone cut into a frozen feature extractor and a trainable head."""
+"""agegender.nets.model: the backbone cut into a frozen feature extractor and a trainable head."""
 
 import os
 import subprocess
@@ -12,8 +12,8 @@ keras = pytest.importorskip("keras")
 
 from conftest import REPO  # noqa: E402
 
-from agegender.model import TASKS, build_networks, load_model, set_trainable_tail  # noqa: E402
-from agegender.training import compile_for_training  # noqa: E402
+from agegender.nets.model import TASKS, build_networks, load_model, set_trainable_tail  # noqa: E402
+from agegender.nets.training import compile_for_training  # noqa: E402
 
 SIZE = 64
 HEAD = (16, 8)
@@ -255,7 +255,7 @@ SAVE_IN_A_FRESH_PROCESS = """
 import sys
 import keras
 import numpy as np
-from agegender.model import build_networks, save_model
+from agegender.nets.model import build_networks, save_model
 
 keras.utils.set_random_seed(3)  # as the train stage does
 networks = build_networks(64, backbone="dlib_resnet", head_units=(8, 8), seed=3)
@@ -285,10 +285,10 @@ FINETUNE_UNDER_JAX = """
 import sys
 import keras
 import numpy as np
-from agegender.labels import one_hot
-from agegender.model import build_networks, set_trainable_tail
-from agegender.params import load_params
-from agegender.training import compile_for_training
+from agegender.contracts.labels import one_hot
+from agegender.nets.model import build_networks, set_trainable_tail
+from agegender.contracts.params import load_params
+from agegender.nets.training import compile_for_training
 import pandas as pd
 
 assert keras.backend.backend() == "jax"
@@ -312,7 +312,7 @@ print(trainable, moved, history["loss"][0])
 def test_the_face_network_fine_tunes_under_jax(face_models):
     """The chip model's training step runs under the JAX backend (as on a GPU machine): the
     last three weighted layers of dlib's network move, nothing else in it does."""
-    from agegender.face_chips import MODEL_FILES
+    from agegender.facedata.face_chips import MODEL_FILES
 
     result = subprocess.run(
         [sys.executable, "-c", FINETUNE_UNDER_JAX, str(face_models / MODEL_FILES["descriptor"][0])],

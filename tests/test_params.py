@@ -1,11 +1,11 @@
-"""agegender.params: params.yaml is checked before any stage does work."""
+"""agegender.contracts.params: params.yaml is checked before any stage does work."""
 
 import pytest
 import yaml
 from conftest import REPO
 
-from agegender.errors import PipelineError
-from agegender.params import load_params
+from agegender.contracts.errors import PipelineError
+from agegender.contracts.params import load_params
 
 
 @pytest.fixture

@@ -8,6 +8,7 @@ import csv
 import io
 import json
 import subprocess
+import sys
 import tarfile
 import time
 
@@ -76,7 +77,7 @@ def check_predict_on_crops_agrees_with_evaluate(repo, env, count=40):
     table = list(csv.DictReader(io.StringIO(predictions)))[:count]
     paths = [f"data/crops/images/{row['full_path']}" for row in table]
     result = subprocess.run(
-        ["python", "-m", "agegender.predict", "--crops", "--format", "csv", *paths],
+        [sys.executable, "-m", "agegender", "predict", "--crops", "--format", "csv", *paths],
         cwd=repo,
         env=env,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""agegender.plots: PNG figures of a fixed size from tiny tables; the offline template of
+"""agegender.evaluation.plots: PNG figures of a fixed size from tiny tables; the offline template of
 `dvc plots show`, rendered in a scratch git copy and drawn in a headless Chromium."""
 
 import os
@@ -14,8 +14,9 @@ import pandas as pd
 import pytest
 from conftest import REPO, commit, run
 
-from agegender import plots
-from agegender.metrics import bin_labels, per_age_bin
+from agegender.contracts.labels import bin_labels
+from agegender.evaluation import plots
+from agegender.evaluation.metrics import per_age_bin
 
 EDGES = [0, 10, 20, 30, 40, 50, 60]
 LABELS = bin_labels(EDGES)
@@ -272,7 +273,7 @@ def test_bin_mae_draws_the_baseline_of_each_bin():
 
 def test_template_is_built_from_the_vendored_scripts():
     assert plots.TEMPLATE.read_text(encoding="utf8") == plots.offline_template(), (
-        "dvc_plots/template.html is stale: run `python -m agegender.plots`"
+        "dvc_plots/template.html is stale: run `python -m agegender.evaluation.plots`"
     )
 
 

@@ -15,10 +15,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from agegender.images import load_rgb, resize_whole
-from agegender.inference import Predictor, crop_box, find_faces
-from agegender.metrics import age_bin, bin_labels
-from agegender.predict import main
+from agegender.apps.cli import main as agegender
+from agegender.contracts.labels import age_bin, bin_labels
+from agegender.facedata.images import load_rgb, resize_whole
+from agegender.inference.predictor import Predictor, crop_box, find_faces
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 REPO = Path(__file__).resolve().parents[1]
@@ -31,8 +31,9 @@ def setup(tiny_image_model):
 
 
 def predict(setup, capsys, *args):
-    status = main(
+    status = agegender(
         [
+            "predict",
             *map(str, args),
             "--model",
             str(setup / "model.keras"),
@@ -158,8 +159,9 @@ def test_nothing_predicted_exits_1(setup, capsys, folder, tmp_path):
 
 def test_missing_model_says_to_train_or_pass_model(setup, capsys, tmp_path):
     with pytest.raises(SystemExit) as exit_info:
-        main(
+        agegender(
             [
+                "predict",
                 str(GRACE_HOPPER),
                 "--model",
                 str(tmp_path / "none.keras"),
@@ -175,7 +177,7 @@ def test_missing_model_says_to_train_or_pass_model(setup, capsys, tmp_path):
 def test_missing_params_names_the_option(setup, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # outside the repository: no params.yaml here
     with pytest.raises(SystemExit) as exit_info:
-        main([str(GRACE_HOPPER), "--model", str(setup / "model.keras")])
+        agegender(["predict", str(GRACE_HOPPER), "--model", str(setup / "model.keras")])
     assert exit_info.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: params.yaml not found") and "--params" in err
@@ -184,7 +186,7 @@ def test_missing_params_names_the_option(setup, capsys, tmp_path, monkeypatch):
 
 def test_usage_error_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        main(["--batch-size", "0", str(GRACE_HOPPER)])
+        agegender(["predict", "--batch-size", "0", str(GRACE_HOPPER)])
     assert exit_info.value.code == 2
 
 
@@ -209,9 +211,10 @@ def test_crops_run_no_detector_and_answer_as_the_api(setup, sample_dir, tmp_path
     crops = sorted((sample_dir / "90").glob("*.jpg"))[:3]
     code = (
         "import sys\n"
-        "from agegender.predict import main\n"
-        "status = main(sys.argv[1:])\n"
-        "assert 'mtcnn' not in sys.modules and 'agegender.faces' not in sys.modules\n"
+        "from agegender.apps.cli import main\n"
+        "status = main(['predict', *sys.argv[1:]])\n"
+        "assert 'mtcnn' not in sys.modules\n"
+        "assert 'agegender.facedata.face_detector' not in sys.modules\n"
         "sys.exit(status)\n"
     )
     args = ["--crops", "--model", setup / "model.keras", "--params", setup / "params.yaml"]
@@ -238,7 +241,8 @@ def test_command_line_entry_point(setup, tmp_path):
         [
             sys.executable,
             "-m",
-            "agegender.predict",
+            "agegender",
+            "predict",
             str(GRACE_HOPPER),
             "--model",
             str(setup / "model.keras"),

@@ -1,13 +1,14 @@
-"""agegender.report: the headline against the reference and baselines, per-bin and per-gender
-tables, worst cases in the right order, links to the figures, the same text for the same input."""
+"""agegender.evaluation.report: the headline against the reference and
+baselines, per-bin and per-gender tables, worst cases in the right order, links to the figures,
+the same text for the same input."""
 
 import re
 
 import numpy as np
 import pandas as pd
 
-from agegender.metrics import constant_age_baselines, per_age_bin, per_gender
-from agegender.report import build_report, worst_age, worst_gender
+from agegender.evaluation.metrics import constant_age_baselines, per_age_bin, per_gender
+from agegender.evaluation.report import build_report, worst_age, worst_gender
 
 EDGES = [0, 10, 20, 30, 40, 50, 60]
 METRICS = {

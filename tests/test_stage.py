@@ -1,4 +1,4 @@
-"""agegender.stage: the one skeleton every stage runs in."""
+"""agegender.contracts.stage: the one skeleton every stage runs in."""
 
 import json
 import uuid
@@ -8,9 +8,9 @@ import mlflow
 import pytest
 import yaml
 
-from agegender.errors import PipelineError
-from agegender.layout import STAGE_METRICS
-from agegender.stage import listed_params, stage
+from agegender.contracts.errors import PipelineError
+from agegender.contracts.layout import STAGE_METRICS
+from agegender.contracts.stage import listed_params, stage
 
 REPO = Path(__file__).resolve().parents[1]
 

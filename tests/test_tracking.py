@@ -1,4 +1,5 @@
-"""agegender.tracking: where the MLflow store is, and one parent run per pipeline execution."""
+"""agegender.contracts.tracking: where the MLflow store is, and one parent run per
+pipeline execution."""
 
 import subprocess
 import sys
@@ -7,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from agegender import tracking
-from agegender.tracking import flatten, pipeline_key, repo_root, stage_run, tracking_uri
+from agegender.contracts import tracking
+from agegender.contracts.tracking import flatten, pipeline_key, repo_root, stage_run, tracking_uri
 
 
 @pytest.fixture
@@ -63,9 +64,8 @@ def test_pipeline_key_is_the_dvc_ancestor(tmp_path):
     """Two stages started by one `dvc repro` share the key; a stage run by hand gets its own."""
     fake_dvc = tmp_path / "bin" / "dvc"
     fake_dvc.parent.mkdir()
-    stage = (
-        f"{sys.executable} -c 'from agegender.tracking import pipeline_key; print(pipeline_key())'"
-    )
+    key = "from agegender.contracts.tracking import pipeline_key; print(pipeline_key())"
+    stage = f"{sys.executable} -c '{key}'"
     fake_dvc.write_text(f"#!/bin/sh\necho $$\n{stage}\n{stage}\ntrue\n")
     fake_dvc.chmod(0o755)
     lines = subprocess.run(

@@ -1,4 +1,5 @@
-"""agegender.training: params -> network settings, the weights file, compiling and callbacks."""
+"""agegender.nets.training: params -> network settings, the weights file,
+compiling and callbacks."""
 
 import copy
 import inspect
@@ -12,12 +13,12 @@ from conftest import REPO
 
 keras = pytest.importorskip("keras")
 
-from agegender import training  # noqa: E402
-from agegender.errors import PipelineError  # noqa: E402
-from agegender.losses import HeadLoss  # noqa: E402
-from agegender.model import build_networks  # noqa: E402
-from agegender.params import load_params  # noqa: E402
-from agegender.training import (  # noqa: E402
+from agegender.contracts.errors import PipelineError  # noqa: E402
+from agegender.contracts.params import load_params  # noqa: E402
+from agegender.nets import training  # noqa: E402
+from agegender.nets.losses import HeadLoss  # noqa: E402
+from agegender.nets.model import build_networks  # noqa: E402
+from agegender.nets.training import (  # noqa: E402
     ImageRows,
     ReseedEachEpoch,
     TrainingState,
@@ -437,7 +438,7 @@ def test_augmentation_layers_are_reseeded_too():
 def test_image_rows_decode_as_the_input_pipeline(tmp_path):
     from PIL import Image
 
-    from agegender.data import image_dataset
+    from agegender.facedata.input_pipeline import image_dataset
 
     rng = np.random.default_rng(0)
     for index in range(5):

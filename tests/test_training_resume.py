@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import REPO, fresh_repository, run, set_params
 
-from agegender.training import saved_state
+from agegender.nets.training import saved_state
 
 pytestmark = pytest.mark.slow
 
@@ -90,7 +90,7 @@ def saved_epochs(repo, phase):
 
 def results(repo):
     """The stage's figures and the saved model's answers on the test split's inputs."""
-    from agegender.model import load_model
+    from agegender.nets.model import load_model
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     chips = params["model"]["backbone"] == "dlib_resnet"  # aligned 150 px face chips

@@ -17,8 +17,9 @@ import matplotlib
 import pytest
 from PIL import Image
 
-from agegender.metrics import bin_labels
-from agegender.web import Handler, WebServer, main
+from agegender.apps.cli import main as agegender
+from agegender.apps.web import Handler, WebServer
+from agegender.contracts.labels import bin_labels
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
 REPO = Path(__file__).resolve().parents[1]
@@ -34,7 +35,7 @@ def setup(tiny_image_model):
 
 @pytest.fixture(scope="module")
 def server(setup):
-    from agegender.inference import Predictor
+    from agegender.inference.predictor import Predictor
 
     predictor = Predictor.load(setup / "model.keras", params=setup / "params.yaml")
     web = WebServer(predictor, "127.0.0.1", 0, max_upload_bytes=LIMIT)
@@ -229,7 +230,7 @@ def test_wrong_methods_are_not_allowed(server, no_writes):
 def test_a_missing_model_exits_with_one_paragraph(setup, tmp_path, capsys):
     args = ["--model", str(tmp_path / "none.keras"), "--params", str(setup / "params.yaml")]
     with pytest.raises(SystemExit) as exit_:
-        main([*args, "--port", "0"])
+        agegender(["serve", *args, "--port", "0"])
     assert exit_.value.code == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "none.keras" in err and "Traceback" not in err
@@ -238,7 +239,7 @@ def test_a_missing_model_exits_with_one_paragraph(setup, tmp_path, capsys):
 def test_a_busy_port_exits_with_one_paragraph(setup, server, capsys):
     args = ["--model", str(setup / "model.keras"), "--params", str(setup / "params.yaml")]
     with pytest.raises(SystemExit) as exit_:
-        main([*args, "--port", str(server.server_address[1])])
+        agegender(["serve", *args, "--port", str(server.server_address[1])])
     assert exit_.value.code == 1
     assert "is in use" in capsys.readouterr().err
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from agegender.files import write_csv
-from agegender.imdbwiki import apply_filter, read_mat
+from agegender.contracts.files import write_csv
+from agegender.facedata.imdbwiki import apply_filter, read_mat
 from agegender.stages import crop
 
 

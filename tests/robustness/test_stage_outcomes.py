@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from agegender.files import write_csv, write_json
-from agegender.imdbwiki import apply_filter, read_mat
+from agegender.contracts.files import write_csv, write_json
+from agegender.facedata.imdbwiki import apply_filter, read_mat
 from agegender.stages import crop, split
 from agegender.stages import filter as filter_stage
 
@@ -149,7 +149,7 @@ def test_a_full_disk_leaves_the_previous_output_whole(tmp_path, monkeypatch):
 def test_a_full_disk_is_reported_as_one_paragraph(tmp_path):
     script = (
         "import errno\n"
-        "from agegender.errors import exits_cleanly\n"
+        "from agegender.contracts.errors import exits_cleanly\n"
         "@exits_cleanly\n"
         "def main():\n"
         "    raise OSError(errno.ENOSPC, 'No space left on device', 'data/crops/images/x.jpg')\n"

@@ -14,10 +14,11 @@ from concurrent.futures import ProcessPoolExecutor
 from functools import partial
 from pathlib import Path
 
-from agegender.datasets import DATASETS, dataset_dir
-from agegender.errors import PipelineError
-from agegender.files import read_csv, replace_atomically, write_csv, write_json
-from agegender.images import (
+from agegender.contracts.errors import PipelineError
+from agegender.contracts.files import read_csv, replace_atomically, write_csv, write_json
+from agegender.contracts.layout import CROP_IMAGES, CROP_INDEX, CROPS, RAW, RECORDS
+from agegender.contracts.stage import stage
+from agegender.facedata.images import (
     ImageSkip,
     crop_face,
     face_box_in_crop,
@@ -25,14 +26,13 @@ from agegender.images import (
     load_rgb,
     resize_whole,
 )
-from agegender.layout import CROP_IMAGES, CROP_INDEX, CROPS, RAW, RECORDS
-from agegender.stage import stage
+from agegender.facedata.sources import DATASETS, dataset_dir
 
 
 def face_box(record, image, settings):
     """The face box in image coordinates, by the method chosen in params."""
     if settings["method"] == "mtcnn":
-        from agegender.faces import detect_faces
+        from agegender.facedata.face_detector import detect_faces
 
         faces = detect_faces(image)
         if not faces:

@@ -15,13 +15,13 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse
 
-from agegender.datasets import DATASETS, mat_path, weights_source
-from agegender.errors import PipelineError
-from agegender.face_chips import MODEL_FILES, check_model_files
-from agegender.fetch import download, extract, is_remote, local_path
-from agegender.files import write_json
-from agegender.layout import DOWNLOADS, RAW, WEIGHTS
-from agegender.stage import stage
+from agegender.contracts.errors import PipelineError
+from agegender.contracts.files import write_json
+from agegender.contracts.layout import DOWNLOADS, RAW, WEIGHTS
+from agegender.contracts.stage import stage
+from agegender.facedata.face_chips import MODEL_FILES, check_model_files
+from agegender.facedata.fetch import download, extract, is_remote, local_path
+from agegender.facedata.sources import DATASETS, mat_path, weights_source
 
 
 def fetch(source, hint=None):

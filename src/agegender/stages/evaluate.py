@@ -8,18 +8,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import pandas as pd
 
-from agegender import plots
-from agegender.data import image_dataset
-from agegender.files import read_csv, replace_atomically, write_csv
-from agegender.inference import (
-    AGE_DECIMALS,
-    PROBABILITY_DECIMALS,
-    Predictor,
-    answer_columns,
-    takes_chips,
-)
-from agegender.labels import GENDERS
-from agegender.layout import (
+from agegender.contracts.files import read_csv, replace_atomically, write_csv
+from agegender.contracts.labels import GENDERS, age_bin, bin_labels
+from agegender.contracts.layout import (
     CROP_IMAGES,
     EXTERNAL_REPORT,
     FIGURES,
@@ -30,18 +21,25 @@ from agegender.layout import (
     WEIGHTS,
     split_table,
 )
-from agegender.metrics import (
-    age_bin,
+from agegender.contracts.stage import stage
+from agegender.evaluation import plots
+from agegender.evaluation.metrics import (
     age_metrics,
-    bin_labels,
     constant_age_baselines,
     gender_metrics,
     mean_age_baseline,
     per_age_bin,
     per_gender,
 )
-from agegender.report import build_report
-from agegender.stage import stage
+from agegender.evaluation.report import build_report
+from agegender.facedata.input_pipeline import image_dataset
+from agegender.inference.predictor import (
+    AGE_DECIMALS,
+    PROBABILITY_DECIMALS,
+    Predictor,
+    answer_columns,
+    takes_chips,
+)
 
 
 def predictions_table(test, outputs, edges):

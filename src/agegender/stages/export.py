@@ -15,21 +15,10 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np
 import tensorflow as tf
 
-from agegender.data import image_dataset
-from agegender.errors import PipelineError
-from agegender.exporters import (
-    convert_to_tflite,
-    export_onnx,
-    export_saved_model,
-    input_name,
-    onnx_predict,
-    tflite_predict,
-)
-from agegender.face_chips import chip_batches, crop_face_margin
-from agegender.files import read_csv
-from agegender.inference import open_model, takes_chips
-from agegender.labels import TASKS
-from agegender.layout import (
+from agegender.contracts.errors import PipelineError
+from agegender.contracts.files import read_csv
+from agegender.contracts.labels import TASKS
+from agegender.contracts.layout import (
     CROP_IMAGES,
     MODEL,
     ONNX,
@@ -39,8 +28,19 @@ from agegender.layout import (
     WEIGHTS,
     split_table,
 )
-from agegender.serving import float32_model, register_pyfunc
-from agegender.stage import stage
+from agegender.contracts.stage import stage
+from agegender.facedata.face_chips import chip_batches, crop_face_margin
+from agegender.facedata.input_pipeline import image_dataset
+from agegender.inference.exporters import (
+    convert_to_tflite,
+    export_onnx,
+    export_saved_model,
+    input_name,
+    onnx_predict,
+    tflite_predict,
+)
+from agegender.inference.predictor import open_model, takes_chips
+from agegender.inference.pyfunc import float32_model, register_pyfunc
 
 CHECK_INPUTS = 16  # the first test faces, which every format must predict as Keras does
 TOLERANCE = 1e-4  # largest difference in any output probability the export may show

@@ -17,13 +17,13 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from agegender.data import image_dataset
-from agegender.features import keep_rows, write_features, write_manifest
-from agegender.files import read_csv
-from agegender.layout import CROP_IMAGES, FEATURES, WEIGHTS, split_table
-from agegender.model import FACE_BACKBONES, build_networks
-from agegender.stage import stage
-from agegender.training import base_weights, network_settings
+from agegender.contracts.files import read_csv
+from agegender.contracts.layout import CROP_IMAGES, FEATURES, WEIGHTS, split_table
+from agegender.contracts.stage import stage
+from agegender.facedata.input_pipeline import image_dataset
+from agegender.nets.feature_cache import keep_rows, write_features, write_manifest
+from agegender.nets.model import FACE_BACKBONES, build_networks
+from agegender.nets.training import base_weights, network_settings
 
 
 def read_split(name):
@@ -81,7 +81,12 @@ def face_features(params, versions):
     crop, and of train's mirrored chips; a face without landmarks is left out of its split, so
     the cached versions of a split stay row-aligned. Each version streams to disk with its NaN
     rows, then is compacted to the faces kept, in chunks."""
-    from agegender.face_chips import MODEL_FILES, check_model_files, chip_batches, crop_face_margin
+    from agegender.facedata.face_chips import (
+        MODEL_FILES,
+        check_model_files,
+        chip_batches,
+        crop_face_margin,
+    )
 
     check_model_files(WEIGHTS)
     networks = build_networks(

@@ -4,12 +4,12 @@ Whether an image file exists and decodes is not checked here but in crop, where 
 read, so that an archive holding only the .mat can already be filtered and counted.
 """
 
-from agegender.datasets import mat_path
-from agegender.errors import PipelineError
-from agegender.files import write_csv
-from agegender.imdbwiki import apply_filter, read_mat
-from agegender.layout import RAW, RECORDS
-from agegender.stage import stage
+from agegender.contracts.errors import PipelineError
+from agegender.contracts.files import write_csv
+from agegender.contracts.layout import RAW, RECORDS
+from agegender.contracts.stage import stage
+from agegender.facedata.imdbwiki import apply_filter, read_mat
+from agegender.facedata.sources import mat_path
 
 
 def filter_metrics(table, kept, removed):

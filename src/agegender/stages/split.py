@@ -6,10 +6,10 @@ are inflated; here every identity (celeb_id, else name) lands in exactly one spl
 
 import numpy as np
 
-from agegender.errors import PipelineError
-from agegender.files import read_csv, write_csv
-from agegender.layout import CROP_INDEX, SPLITS, split_table
-from agegender.stage import stage
+from agegender.contracts.errors import PipelineError
+from agegender.contracts.files import read_csv, write_csv
+from agegender.contracts.layout import CROP_INDEX, SPLITS, split_table
+from agegender.contracts.stage import stage
 
 
 def identity_strata(records, age_bin_width):

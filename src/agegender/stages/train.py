@@ -13,21 +13,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import keras
 import numpy as np
 
-from agegender import devices
-from agegender.data import image_dataset
-from agegender.data_parallel import local_batches, validation_copies
-from agegender.face_chips import CHIP_SIZE, chip_batches, crop_face_margin
-from agegender.features import (
-    EpochSync,
-    FeatureBatches,
-    adapt_in_chunks,
-    kept_rows,
-    load_features,
-    read_manifest,
-)
-from agegender.files import read_csv, write_csv
-from agegender.labels import one_hot
-from agegender.layout import (
+from agegender.contracts.files import read_csv, write_csv
+from agegender.contracts.labels import one_hot
+from agegender.contracts.layout import (
     CROP_IMAGES,
     FEATURES,
     HISTORY,
@@ -36,9 +24,21 @@ from agegender.layout import (
     WEIGHTS,
     split_table,
 )
-from agegender.model import build_networks, save_model, set_trainable_tail
-from agegender.stage import stage
-from agegender.training import (
+from agegender.contracts.stage import stage
+from agegender.facedata.face_chips import CHIP_SIZE, chip_batches, crop_face_margin
+from agegender.facedata.input_pipeline import image_dataset
+from agegender.nets import devices
+from agegender.nets.data_parallel import local_batches, validation_copies
+from agegender.nets.feature_cache import (
+    EpochSync,
+    FeatureBatches,
+    adapt_in_chunks,
+    kept_rows,
+    load_features,
+    read_manifest,
+)
+from agegender.nets.model import build_networks, save_model, set_trainable_tail
+from agegender.nets.training import (
     ImageRows,
     compile_for_training,
     discard_stale_backup,

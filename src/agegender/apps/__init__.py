@@ -1,0 +1,1 @@
+"""What a user runs: the `agegender` command, predict and the web page. Nothing imports an app."""

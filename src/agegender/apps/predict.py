@@ -1,0 +1,242 @@
+"""Age and gender of every face in photos, or of faces already cropped, with the trained model.
+
+    agegender predict PHOTO_OR_FOLDER [...] [--crops [--crop-margin M]]
+        [--model models/model.keras] [--params params.yaml] [--weights data/weights]
+        [--format jsonl|csv] [--annotate DIR] [--batch-size 32]
+
+Photos: faces are found with MTCNN and cropped as the crop stage crops them. `--crops`: each
+image is one face already cut (the dataset's *_crop images, data/crops, another detector's
+output); no detector runs, and the image is re-framed to the training crops' margin and size.
+One line per face goes to stdout (JSON lines, or CSV with a header); a file that cannot be used
+is named on stderr with its reason (missing, unreadable, too_large, no_face, no_landmarks) and
+the run goes on. Exit status: 0 when every file could be read and a face was predicted, 1 when
+a file was missing or unreadable or no face was predicted, 2 for a usage error.
+
+The Python API behind it is `agegender.inference.predictor.Predictor`.
+"""
+
+import argparse
+import csv
+import json
+import os
+import sys
+from pathlib import Path
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from agegender.contracts.errors import exits_cleanly
+from agegender.facedata.images import ImageSkip
+from agegender.inference.predictor import (
+    ANSWER_FIELDS,
+    add_model_options,
+    as_photo,
+    crop_box,
+    predictor_of_options,
+)
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
+FIELDS = ["file", "face", "x1", "y1", "x2", "y2", "confidence", *ANSWER_FIELDS]
+UNREADABLE = {"missing", "unreadable", "too_large", "too_small", "no_images"}
+
+
+def image_files(paths):
+    """(file, name under --annotate) for the named files as given and the image files under
+    named folders, sorted, recursively; a folder holding none gives (folder, None)."""
+    files = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            found = [
+                p for p in path.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+            ]
+            files += [(p, p.relative_to(path)) for p in sorted(found)] or [(path, None)]
+        else:
+            files.append((path, Path(path.name)))
+    return files
+
+
+def annotate(image, answers):
+    """A copy of the image with each face's box and its label drawn on it."""
+    from PIL import ImageDraw, ImageFont
+
+    image = image.copy()
+    draw = ImageDraw.Draw(image)
+    scale = max(image.size) / 500
+    try:
+        font = ImageFont.load_default(size=max(11, round(14 * scale)))
+    except (TypeError, ImportError, OSError):  # no FreeType: the small bitmap font
+        font = ImageFont.load_default()
+    width = max(2, round(2 * scale))
+    for answer in answers:
+        box = answer["box"]
+        colour = (30, 144, 255) if answer["gender"] == "male" else (255, 64, 160)
+        draw.rectangle(box, outline=colour, width=width)
+        left, top, right, bottom = draw.textbbox((0, 0), label(answer), font=font)
+        high = (bottom - top) + 2 * width
+        x, y = box[0], box[1] - high if box[1] > high else box[3] + width
+        draw.rectangle((x, y, x + right - left + 2 * width, y + high), fill=colour)
+        draw.text((x + width - left, y + width - top), label(answer), fill="white", font=font)
+    return image
+
+
+def label(answer):
+    return (
+        f"#{answer['face']} {answer['gender']} {answer['gender_prob']:.2f}, "
+        f"age {answer['age']:.1f} ({answer['age_bin']})"
+    )
+
+
+def save_annotated(image, target):
+    target.parent.mkdir(parents=True, exist_ok=True)
+    options = {"quality": 95} if target.suffix.lower() in (".jpg", ".jpeg", ".webp") else {}
+    image.save(target, **options)
+
+
+class Writer:
+    """One record per face on stdout, as JSON lines or CSV (header first)."""
+
+    def __init__(self, fmt, stream):
+        self.fmt, self.stream = fmt, stream
+        if fmt == "csv":
+            self.csv = csv.DictWriter(stream, fieldnames=FIELDS, lineterminator="\n")
+            self.csv.writeheader()
+
+    def write(self, file, answer):
+        record = {"file": str(file), **answer}
+        if self.fmt == "csv":
+            box = record.pop("box")
+            self.csv.writerow({**record, **dict(zip(("x1", "y1", "x2", "y2"), box))})
+        else:
+            self.stream.write(json.dumps(record) + "\n")
+        self.stream.flush()
+
+
+SUMMARY = "gender and age of the faces in photos, or of face crops"
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "paths",
+        nargs="+",
+        metavar="PHOTO_OR_FOLDER",
+        help="images, or folders searched for jpg, jpeg, png, bmp and webp files",
+    )
+    parser.add_argument(
+        "--crops",
+        action="store_true",
+        help="each image is one face already cropped: no detection (default: find faces)",
+    )
+    parser.add_argument(
+        "--crop-margin",
+        type=float,
+        metavar="M",
+        help="with --crops: share of the face box each crop carries on each side (the "
+        "*_crop archives: 0.4; a tight detector box: 0); default: the training crops' margin",
+    )
+    add_model_options(parser)
+    parser.add_argument("--format", choices=("jsonl", "csv"), default="jsonl")
+    parser.add_argument(
+        "--annotate", type=Path, metavar="DIR", help="write each image with boxes and labels"
+    )
+    parser.add_argument(
+        "--batch-size", type=positive, default=32, help="faces per model call (default 32)"
+    )
+
+
+def positive(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def photo_answers(predictor, image, file, report):
+    """Every face of a photo; faces without dlib landmarks are reported and left out."""
+    found = predictor.detect(image)
+    if not found:
+        report(file, "no_face")
+    answers = predictor.face_answers(found)
+    for index, answer in enumerate(answers):
+        if answer is None:
+            report(f"{file} face {index}", "no_landmarks")
+    return [answer for answer in answers if answer]
+
+
+def crop_answers(predictor, images, files, margin, report):
+    """The answer list of each crop (empty: reported), the whole batch in one model call."""
+    answers = predictor.crops(images, margin)
+    margin = predictor.face_margin if margin is None else margin
+    results = []
+    for image, file, answer in zip(images, files, answers):
+        if answer is None:
+            report(file, "no_landmarks")
+            results.append([])
+            continue
+        box = list(crop_box(image, margin))
+        results.append([{"face": 0, "box": box, "confidence": None, **answer}])
+    return results
+
+
+@exits_cleanly
+def run(args):
+    predictor = predictor_of_options(args, args.batch_size)
+    files = image_files(args.paths)
+    writer = Writer(args.format, sys.stdout)
+
+    from tqdm import tqdm
+
+    show_bar = any(Path(p).is_dir() for p in args.paths) and sys.stderr.isatty()
+    progress = tqdm(files, desc="predict", unit="image", file=sys.stderr, disable=not show_bar)
+    counts = {"faces": 0, "unreadable": 0}
+
+    def report(file, reason):
+        counts["unreadable"] += reason in UNREADABLE
+        progress.write(f"{file}: {reason}", file=sys.stderr)
+
+    def emit(file, name, image, answers):
+        for answer in answers:
+            writer.write(file, answer)
+        counts["faces"] += len(answers)
+        if args.annotate and answers:
+            try:
+                save_annotated(annotate(image, answers), args.annotate / name)
+            except (OSError, ValueError, KeyError) as error:
+                report(file, f"annotate_failed ({error})")
+
+    pending = []  # (file, name, image) of --crops, waiting for a batch to fill
+
+    def flush():
+        if pending:
+            files_, _, images = zip(*pending)
+            answers = crop_answers(predictor, images, files_, args.crop_margin, report)
+            for (file, name, image), answer in zip(pending, answers):
+                emit(file, name, image, answer)
+        pending.clear()
+
+    for file, name in progress:
+        if name is None:
+            report(file, "no_images")
+            continue
+        try:
+            image = as_photo(file)
+        except ImageSkip as skip:
+            report(file, skip.reason)
+            continue
+        if args.crops:
+            pending.append((file, name, image))
+            if len(pending) == args.batch_size:
+                flush()
+        else:
+            emit(file, name, image, photo_answers(predictor, image, file, report))
+    flush()
+    progress.close()
+    return exit_status(counts, len(files))
+
+
+def exit_status(counts, files):
+    if counts["unreadable"]:
+        print(f"predict: {counts['unreadable']} file(s) could not be read", file=sys.stderr)
+        return 1
+    if not counts["faces"]:
+        print(f"predict: no face predicted in {files} file(s)", file=sys.stderr)
+        return 1
+    return 0
