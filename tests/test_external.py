@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 from conftest import REPO
 
+from agegender.apps.cli import main as agegender
 from agegender.contracts.errors import PipelineError
 from agegender.contracts.labels import age_bin, bin_labels
 from agegender.evaluation import external_sets
@@ -527,6 +528,34 @@ def test_stage_scores_utkface_and_csv_sets(
     stage.main()
     for path, content in before.items():
         assert path.read_bytes() == content, f"{path} changed on a re-run"
+
+
+def test_agegender_evaluate_prints_the_stages_figures(
+    project, tiny_image_model, sample_dir, monkeypatch, capsys
+):
+    """`agegender evaluate FOLDER` scores a set outside the pipeline exactly as evaluate_external
+    scores it from params.yaml; a path that is neither folder nor CSV is one paragraph."""
+    faces = sample_faces(sample_dir, 6)
+    utkface_folder(Path("sets/utk"), faces)
+    sets = [{"name": "utk", "format": "utkface", "path": "sets/utk", "face_margin": 0.4}]
+    project(external={"sets": sets}, evaluate={"batch_size": 4})
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"external-cli-{id(monkeypatch)}")
+    Path("models").mkdir()
+    shutil.copy(tiny_image_model, "models/model.keras")
+    stage.main()
+    from_stage = json.loads(Path("metrics/external.json").read_text())["sets"]["utk"]
+    capsys.readouterr()
+
+    assert agegender(["evaluate", "sets/utk", "--face-margin", "0.4", "--batch-size", "4"]) == 0
+    assert json.loads(capsys.readouterr().out) == from_stage
+
+    with pytest.raises(SystemExit) as exit:
+        agegender(["evaluate", "sets/nothing.csv"])
+    assert exit.value.code == 1
+    assert "sets/nothing.csv is not an existing CSV file" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        agegender(["evaluate", "sets/missing"])
+    assert "sets/missing is not an existing folder: give a folder" in capsys.readouterr().err
 
 
 def test_stage_without_sets_needs_no_model(project):

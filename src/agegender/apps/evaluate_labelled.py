@@ -42,7 +42,7 @@ def add_arguments(parser):
     parser.add_argument(
         "--format",
         choices=external_sets.FORMATS,
-        help="default: csv for a file, utkface for a folder",
+        help="default: csv for a file or a .csv name, utkface for a folder",
     )
     parser.add_argument(
         "--face-margin",
@@ -57,7 +57,8 @@ def add_arguments(parser):
 
 def labelled_set(args):
     """The set as an external.sets entry, or one paragraph on what the path should be."""
-    form = args.format or ("csv" if args.path.is_file() else "utkface")
+    is_csv = args.path.suffix.lower() == ".csv" or args.path.is_file()
+    form = args.format or ("csv" if is_csv else "utkface")
     wanted = args.path.is_file() if form == "csv" else args.path.is_dir()
     if not wanted:
         raise PipelineError(
