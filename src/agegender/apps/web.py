@@ -93,7 +93,7 @@ class Handler(BaseHTTPRequestHandler):
     """The page, the prediction route, and a clear error for everything else; one request per
     connection (HTTP/1.0), so a refused upload needs no resynchronising."""
 
-    server_version = "agegender-web"
+    server_version = "agegender-serve"
     timeout = 60  # a client that stops sending mid-upload does not hold a thread for ever
     allow = ""
     body_read = False
