@@ -30,7 +30,8 @@ import numpy as np
 import pandas as pd
 import yaml
 
-from agegender.facedata.input_pipeline import image_dataset, labels_of
+from agegender.contracts.labels import label_indices
+from agegender.facedata.input_pipeline import image_dataset
 from agegender.nets.feature_cache import FeatureBatches
 from agegender.nets.model import TASKS, build_networks
 from agegender.nets.training import compile_for_training
@@ -73,7 +74,7 @@ def main():
     )
     one_hot = {
         task: keras.utils.to_categorical(v, TASKS[task]).astype(np.float32)
-        for task, v in labels_of(table).items()
+        for task, v in label_indices(table).items()
     }
     keras.utils.set_random_seed(0)
     net = build_networks(

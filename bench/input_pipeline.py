@@ -28,7 +28,8 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from agegender.facedata.input_pipeline import image_dataset, labels_of
+from agegender.contracts.labels import label_indices
+from agegender.facedata.input_pipeline import image_dataset
 from agegender.nets.model import TASKS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,7 +38,7 @@ IMAGE_DIR = Path("data/crops/images")
 
 def pillow_batches(table, size, batch):
     paths = [IMAGE_DIR / path for path in table["full_path"]]
-    labels = labels_of(table)
+    labels = label_indices(table)
     for start in range(0, len(paths), batch):
         images = [
             np.asarray(
