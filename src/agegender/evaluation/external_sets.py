@@ -1,6 +1,7 @@
-"""Other labelled face sets (UTKFace, a CSV such as FairFace's) read into one table, and the
-figures the evaluate_external stage reports for them: the own test split comes from the same
-photos as training, so only another set shows how the model travels and whom it fails."""
+"""Other labelled face sets (UTKFace, a CSV such as FairFace's) read into one table, scored
+with a predictor, and the figures the evaluate_external stage and `agegender evaluate` report
+for them: the own test split comes from the same photos as training, so only another set shows
+how the model travels and whom it fails."""
 
 import math
 import re
