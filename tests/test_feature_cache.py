@@ -13,6 +13,7 @@ from agegender.nets.feature_cache import (  # noqa: E402
     FeatureBatches,
     RowBatches,
     adapt_in_chunks,
+    age_sample_weights,
     chunks,
     gender_class_weights,
     gender_sample_weights,
@@ -132,6 +133,23 @@ def test_balanced_gender_weights_equalise_the_classes():
     assert w[0] > 1 > w[1]
     assert (w * [3, 9]).sum() == pytest.approx(12)  # the mean weight stays 1
     np.testing.assert_array_equal(gender_sample_weights(genders, "balanced"), w[genders])
+
+
+def test_age_balance_weighs_every_age_the_same_within_the_cap():
+    """Ages as sampled at 0; at 1 every age (here 5 children among 200 adults of 30) carries
+    the same total weight unless the cap of 10 times the mean binds; in between, in between."""
+    ages = np.array([5] * 10 + [30] * 200 + [60] * 40)
+    np.testing.assert_array_equal(age_sample_weights(ages, 0), np.ones(len(ages)))
+    full = age_sample_weights(ages, 1, cap=100)
+    totals = [full[ages == age].sum() for age in (5, 30, 60)]
+    np.testing.assert_allclose(totals, [totals[0]] * 3, rtol=1e-5)
+    assert full.dtype == np.float32 and np.isclose(full.mean(), 1)
+    capped = age_sample_weights(ages, 1, cap=3)
+    assert capped.max() <= 3 + 1e-6 and np.isclose(capped.mean(), 1, atol=1e-3)
+    half = age_sample_weights(ages, 0.5, cap=100)
+    assert 1 < half[0] < full[0] and full[ages == 30][0] < half[ages == 30][0] < 1
+    nearby = age_sample_weights(np.array([29, 30, 31, 30, 80]), 1, cap=100)
+    assert nearby[0] == nearby[1] == nearby[2] and nearby[4] > nearby[0]
 
 
 def test_no_gender_weighting_gives_ones():

@@ -276,6 +276,10 @@ def test_train_value_ranges(write_params, key, value, message):
             r"'train\.gender_weighting' must be none or balanced",
         ),
         (
+            lambda p: p["train"].update(age_balance=1.5),
+            r"'train\.age_balance' must be from 0 \(ages as sampled\) to 1",
+        ),
+        (
             lambda p: p["train"].update(label_smoothing=1.0),
             r"'train\.label_smoothing' must be in \[0, 1\)",
         ),

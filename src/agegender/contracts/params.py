@@ -54,6 +54,7 @@ SCHEMA = {
         "batch_size": int,
         "label_smoothing": NUMBER,
         "gender_weighting": str,
+        "age_balance": NUMBER,
         "age_loss": str,
         "loss_weights": {"gender": NUMBER, "age": NUMBER},
         "augment": {"flip": bool, "brightness": NUMBER},
@@ -220,6 +221,11 @@ def check_values(params, path):
         train["gender_weighting"] in ("none", "balanced"),
         "train.gender_weighting",
         "must be none or balanced",
+    )
+    require(
+        0 <= train["age_balance"] <= 1,
+        "train.age_balance",
+        "must be from 0 (ages as sampled) to 1 (every age weighs the same)",
     )
     require(
         train["age_loss"] in AGE_LOSSES, "train.age_loss", f"must be one of {', '.join(AGE_LOSSES)}"

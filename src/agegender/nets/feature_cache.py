@@ -17,6 +17,7 @@ from numpy.lib import format as npy
 
 from agegender.contracts.errors import PipelineError
 from agegender.contracts.files import write_json
+from agegender.contracts.labels import AGES
 
 CHUNK_BYTES = 8 << 20  # float32 bytes read at a time by whole-split passes
 
@@ -249,6 +250,26 @@ def gender_class_weights(genders, weighting):
 
 def gender_sample_weights(genders, weighting):
     return gender_class_weights(genders, weighting)[np.asarray(genders)]
+
+
+def age_sample_weights(ages, balance, window=5, cap=10.0):
+    """Weights of the age loss, mean 1. `balance` 0: every face weighs the same (ages as
+    sampled); 1: every age weighs the same in total, however few faces it has (wiki has a
+    few dozen children among thousands of adults); in between, weights go as the age's face
+    count to the power -balance. An age's count is that of the faces within `window` years
+    around it, and no face weighs more than `cap` times the mean, so a lone face cannot drive
+    the loss."""
+    ages = np.clip(np.asarray(ages, dtype=np.int64), 0, len(AGES) - 1)
+    if balance == 0 or len(ages) == 0:
+        return np.ones(len(ages), dtype=np.float32)
+    counts = np.bincount(ages, minlength=len(AGES)).astype(np.float64)
+    nearby = np.convolve(counts, np.ones(window), mode="same")
+    weights = nearby[ages] ** -float(balance)
+    weights /= weights.mean()
+    for _ in range(20):  # the cap, renormalised until it holds
+        weights = np.minimum(weights, cap)
+        weights /= weights.mean()
+    return np.minimum(weights, cap).astype(np.float32)
 
 
 class EpochSync(keras.callbacks.Callback):

@@ -13,7 +13,7 @@ from agegender.contracts.errors import PipelineError
 from agegender.contracts.files import replace_atomically
 from agegender.contracts.labels import TASKS
 from agegender.contracts.layout import WEIGHTS
-from agegender.nets.feature_cache import gender_sample_weights
+from agegender.nets.feature_cache import age_sample_weights, gender_sample_weights
 from agegender.nets.losses import HeadLoss
 
 
@@ -255,11 +255,11 @@ def phase_history(backup_dir, phases):
     return history
 
 
-def sample_weights(train, weighting):
+def sample_weights(train, gender_weighting, age_balance=0.0):
     """Per-sample loss weights of a phase's batches (FeatureBatches' `sample_weights`)."""
     return {
-        "gender": gender_sample_weights(train["gender"], weighting),
-        "age": np.ones(len(train), dtype=np.float32),
+        "gender": gender_sample_weights(train["gender"], gender_weighting),
+        "age": age_sample_weights(train["age"], age_balance),
     }
 
 

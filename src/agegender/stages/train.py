@@ -57,7 +57,7 @@ def train_head(networks, section, seed, train, val, setup, callbacks, first_epoc
     manifest = read_manifest(FEATURES)
     has_flipped = "train_flipped" in manifest["versions"]
     flipped = load_features(FEATURES, "train_flipped") if has_flipped else None
-    weights = sample_weights(train, section["gender_weighting"])
+    weights = sample_weights(train, section["gender_weighting"], section["age_balance"])
     batch = section["batch_size"] * setup["replicas"]
     features = load_features(FEATURES, "train")
     if networks.normalizer is not None:
@@ -110,7 +110,7 @@ def finetune(networks, params, train, val, setup, callbacks, first_epoch):
     )
     batch = section["batch_size"] * setup["replicas"]
     images, val_data = finetune_data(networks, params, train, val, batch)
-    weights = sample_weights(train, section["gender_weighting"])
+    weights = sample_weights(train, section["gender_weighting"], section["age_balance"])
     batches = FeatureBatches(images, one_hot(train), weights, batch, seed, epoch=first_epoch)
     lr, epochs = section["finetune_lr"] * setup["replicas"], section["finetune_epochs"]
     model = networks.finetune_model
