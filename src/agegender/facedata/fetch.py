@@ -255,15 +255,16 @@ def extract_files(archive, members, dest):
     dest.mkdir(parents=True, exist_ok=True)
     try:
         with zipfile.ZipFile(archive) as zipped:
-            for name, (member, sha256) in members.items():
-                data = zipped.read(member)
-                got = hashlib.sha256(data).hexdigest()
-                if got != sha256:
-                    raise PipelineError(
-                        f"{archive}: {member} has sha256 {got}, expected {sha256}: not the "
-                        "published file. Delete the archive and download it again."
-                    )
-                replace_atomically(dest / name, lambda tmp, data=data: tmp.write_bytes(data))
+            contents = {name: zipped.read(member) for name, (member, _) in members.items()}
+        for name, (member, sha256) in members.items():  # all checked before any is written
+            got = hashlib.sha256(contents[name]).hexdigest()
+            if got != sha256:
+                raise PipelineError(
+                    f"{archive}: {member} has sha256 {got}, expected {sha256}: not the "
+                    "published file. Delete the archive and download it again."
+                )
+        for name, data in contents.items():
+            replace_atomically(dest / name, lambda tmp, data=data: tmp.write_bytes(data))
     except KeyError as error:
         raise PipelineError(
             f"{archive} has no member {error}: it is not the expected package. Delete it and "

