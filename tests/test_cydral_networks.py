@@ -33,10 +33,9 @@ def chips(sample_dir, face_models):
     """Real faces of the bundled sample, cut at each network's size and padding (0.2)."""
     cutter = ChipCutter(face_models, face_margin=0.4)
     faces = [load_rgb(path) for path in sorted((sample_dir / "90").glob("*.jpg"))[:6]]
-    return {
-        task: np.stack([cutter.chip(face, spec["size"], 0.2) for face in faces])
-        for task, spec in NETWORKS.items()
-    }
+    geometries = {task: (spec["size"], 0.2) for task, spec in NETWORKS.items()}
+    cut = [cutter.chip_set(face, geometries) for face in faces]
+    return {task: np.stack([chips[task] for chips in cut]) for task in NETWORKS}
 
 
 @pytest.mark.parametrize("task", sorted(NETWORKS))

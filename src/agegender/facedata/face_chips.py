@@ -111,6 +111,11 @@ class ChipCutter:
     def chip(self, image, size=CHIP_SIZE, padding=CHIP_PADDING):
         """The aligned chip of a face crop (RGB PIL image), or ImageSkip("no_landmarks"): 150 px
         at padding 0.25 for dlib's face network; Cydral's networks read 64 and 32 px at 0.2."""
+        return self.chip_set(image, {"chip": (size, padding)})["chip"]
+
+    def chip_set(self, image, geometries):
+        """{name: chip} at each (size, padding) of `geometries`, all from one landmark fit, or
+        ImageSkip("no_landmarks")."""
         from PIL import Image
 
         work = as_array(image.resize((WORK_SIZE, WORK_SIZE), Image.Resampling.BILINEAR))
@@ -119,7 +124,10 @@ class ChipCutter:
         points = [(shape.part(i).x, shape.part(i).y) for i in range(shape.num_parts)]
         if work.std() < 2 or not landmarks_plausible(points, box):
             raise ImageSkip("no_landmarks")
-        return self.dlib.get_face_chip(work, shape, size=size, padding=padding)
+        return {
+            name: self.dlib.get_face_chip(work, shape, size=size, padding=padding)
+            for name, (size, padding) in geometries.items()
+        }
 
     def chips(self, images):
         """(N, 150, 150, 3) uint8 chips and (N,) bool: whether each crop had landmarks (a

@@ -85,7 +85,8 @@ def cydral_network(path, output="probabilities", name=None):
     chips = keras.Input((size, size, 3), name="chip")
     normalized = layers.Normalization(mean=RGB_MEANS, variance=[256.0**2] * 3, name="normalize")
     tensors = {"images": normalized(chips)}
-    weights, padded, factor = {}, {}, {}  # layer name -> arrays; Pad output -> input; scalars
+    weights, padded = {}, {}  # layer name -> its arrays; a Pad's output -> its input
+    scales, grids = {}, {}  # what the next dense layer takes over: a scalar Mul, a flattened grid
     consumers = {name: op for op, inputs, _, _ in nodes for name in inputs if op == "Add"}
     last_dense = [outs[0] for op, _, outs, _ in nodes if op == "Gemm"][-1]
     for op, inputs, (out,), attrs in nodes:
@@ -96,7 +97,7 @@ def cydral_network(path, output="probabilities", name=None):
             weights[out] = [kernel.transpose(2, 3, 1, 0), bias]
             tensors[out] = layer(x)
         elif op == "Mul" and init[inputs[1]].size == 1:
-            factor[out] = (inputs[0], float(init[inputs[1]].reshape(())))
+            scales[out] = float(init[inputs[1]].reshape(()))
             tensors[out] = x
         elif op == "Mul":  # a folded batch norm: scale here, offset in the Add that follows
             if consumers.get(out) != "Add":
@@ -127,20 +128,19 @@ def cydral_network(path, output="probabilities", name=None):
             tensors[out] = layers.GlobalAveragePooling2D(name=out)(x)
         elif op == "Flatten":
             tensors[out] = x if len(x.shape) == 2 else layers.Flatten(name=out)(x)
-            factor[out] = factor.get(inputs[0], (None, 1.0))
+            scales[out] = scales.get(inputs[0], 1.0)
             if len(x.shape) == 4:
-                factor[out] = (*factor[out], x.shape[1:])  # rows of the next Gemm to reorder
+                grids[out] = x.shape[1:]
         elif op == "Gemm":
             if output == "features" and out == last_dense:
                 break
             kernel, bias = init[inputs[1]], init[inputs[2]]
-            _, scale, *grid = factor.get(inputs[0], (None, 1.0))
-            if grid:  # ONNX flattens (C, H, W); Keras flattens (H, W, C)
-                height, width, channels = grid[0]
+            if inputs[0] in grids:  # ONNX flattens (C, H, W); Keras flattens (H, W, C)
+                height, width, channels = grids[inputs[0]]
                 order = np.arange(kernel.shape[0]).reshape(channels, height, width)
                 kernel = kernel[order.transpose(1, 2, 0).reshape(-1)]
             tensors[out] = layers.Dense(kernel.shape[1], name=out)(x)
-            weights[out] = [kernel * np.float32(scale), bias]
+            weights[out] = [kernel * np.float32(scales.get(inputs[0], 1.0)), bias]
         elif op == "Softmax":
             tensors[out] = layers.Softmax(name=out)(x)
     model = keras.Model(chips, tensors[out] if output == "probabilities" else x, name=name)
