@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO
 
 from agegender.contracts.errors import PipelineError
-from agegender.contracts.params import BACKBONES
+from agegender.contracts.params import BACKBONES, FACE_BACKBONES
 from agegender.facedata import sources
 from agegender.facedata.face_chips import MODEL_FILES
 from agegender.facedata.fetch import md5_of, sha256_of
@@ -146,7 +146,7 @@ def keras_weights(backbone):
     return (base + names[0], top_md5), (base + names[1], notop_md5)
 
 
-@pytest.mark.parametrize("backbone", [name for name in BACKBONES if name != "dlib_resnet"])
+@pytest.mark.parametrize("backbone", [name for name in BACKBONES if name not in FACE_BACKBONES])
 def test_weights_match_the_hashes_keras_publishes(backbone):
     assert backbone in sources.WEIGHTS, f"no WEIGHTS entry for {backbone}"
     top, notop = keras_weights(backbone)
@@ -155,7 +155,7 @@ def test_weights_match_the_hashes_keras_publishes(backbone):
     assert (entry["notop"]["url"], entry["notop"]["md5"]) == notop
 
 
-KERAS_BACKBONES = [name for name in BACKBONES if name != "dlib_resnet"]
+KERAS_BACKBONES = [name for name in BACKBONES if name not in FACE_BACKBONES]
 
 
 def test_every_keras_backbone_of_params_has_a_keras_source():

@@ -327,3 +327,111 @@ def test_the_face_network_fine_tunes_under_jax(face_models):
     expected = ["res5_1_conv_a", "res5_1_conv_b", "descriptor"]
     assert line.startswith(f"{expected} {sorted(expected)} "), line
     assert np.isfinite(float(line.rsplit(" ", 1)[1]))
+
+
+# The fused backbone: dlib's face network for gender, Cydral's age network adapted for age.
+
+
+@pytest.fixture(scope="module")
+def fused(face_models, cydral_models):
+    from agegender.facedata.face_chips import MODEL_FILES
+
+    keras.utils.set_random_seed(0)
+    return build_networks(
+        SIZE,
+        backbone="dlib_resnet+cydral_age",
+        weights_file=face_models / MODEL_FILES["descriptor"][0],
+        age_network_file=cydral_models / "age-v1.onnx",
+        age_pull=0.5,
+        head_units=HEAD,
+    )
+
+
+@pytest.fixture(scope="module")
+def face_chips(sample_dir, face_models):
+    from agegender.facedata.face_chips import ChipCutter
+    from agegender.facedata.images import load_rgb
+
+    cutter = ChipCutter(face_models, face_margin=0.4)
+    faces = [load_rgb(path) for path in sorted((sample_dir / "90").glob("*.jpg"))[:6]]
+    return np.stack([cutter.chip(face) for face in faces]).astype("float32")
+
+
+def test_age_layer_weights_widen_cydrals_last_layer_to_101_classes(cydral_models):
+    from agegender.nets.cydral_networks import age_layer_weights, cydral_network
+
+    kernel, bias = age_layer_weights(cydral_models / "age-v1.onnx", 101)
+    dense = [layer for layer in cydral_network(cydral_models / "age-v1.onnx").layers]
+    original_kernel, original_bias = dense[-2].get_weights()  # the last Dense, then Softmax
+    assert kernel.shape == (256, 101) and bias.shape == (101,)
+    np.testing.assert_array_equal(kernel[:, :81], original_kernel)
+    np.testing.assert_array_equal(bias[:81], original_bias)
+    np.testing.assert_array_equal(kernel[:, 81:], np.repeat(original_kernel[:, 80:], 20, axis=1))
+    np.testing.assert_allclose(bias[81:], original_bias[80] - 8.0)
+
+
+def test_the_fused_model_starts_as_cydrals_age_network_and_saves(
+    fused, face_chips, cydral_models, tmp_path
+):
+    """Before training, the fused model's age is Cydral's expected age on the chip it cuts from
+    the face network's chip, averaged with its mirror's (class 0.25 years counts as 0, and the
+    20 classes past 80 start e^8 times less likely); the saved model answers the same."""
+    from agegender.contracts.labels import AGES
+    from agegender.nets.cydral_networks import AGE_VALUES, cydral_network
+    from agegender.nets.model import age_chip
+
+    chips_in = keras.Input((150, 150, 3))
+    cutter = keras.Model(chips_in, age_chip(chips_in))
+    cydral = cydral_network(cydral_models / "age-v1.onnx")
+    age_chips = np.asarray(cutter(face_chips))
+    expected = np.mean(
+        [np.asarray(cydral(x)) @ AGE_VALUES for x in (age_chips, age_chips[:, :, ::-1])], axis=0
+    )
+    fused.normalizer.adapt(np.asarray(fused.feature_extractor(face_chips)))
+    answers = as_numpy(fused.image_model(face_chips))
+    assert answers["age"].shape == (6, 101) and answers["gender"].shape == (6, 2)
+    np.testing.assert_allclose(answers["age"] @ AGES, expected, atol=0.26)
+    fused.image_model.save(tmp_path / "fused.keras")
+    loaded = as_numpy(load_model(tmp_path / "fused.keras")(face_chips))
+    for task in TASKS:
+        np.testing.assert_allclose(loaded[task], answers[task], atol=1e-5)
+
+
+def test_the_cut_age_chip_is_the_one_dlib_cuts(face_chips, sample_dir, face_models):
+    """The 64 px chip at padding 0.2 taken from the 150 px chip at padding 0.25 lands on dlib's
+    own to within the blur of a second resampling (a shift of one pixel costs 3 times more)."""
+    from agegender.facedata.face_chips import ChipCutter
+    from agegender.facedata.images import load_rgb
+    from agegender.nets.model import age_chip
+
+    cutter = ChipCutter(face_models, face_margin=0.4)
+    faces = [load_rgb(path) for path in sorted((sample_dir / "90").glob("*.jpg"))[:6]]
+    dlib_chips = np.stack([cutter.chip(face, 64, 0.2) for face in faces]).astype("float32")
+    chips_in = keras.Input((150, 150, 3))
+    ours = np.asarray(keras.Model(chips_in, age_chip(chips_in))(face_chips))
+    assert ours.shape == dlib_chips.shape
+    assert np.abs(ours - dlib_chips).mean() < 4.0
+    assert np.abs(np.roll(ours, 1, axis=2) - dlib_chips).mean() > 5.0
+
+
+def test_the_pull_toward_the_start_is_a_training_loss_only(cydral_models):
+    """AnchoredDense adds pull * (squared distance to its start) to the training loss, and
+    nothing when it only answers; at the start the distance is zero."""
+    from agegender.nets.model import AnchoredDense
+
+    rng = np.random.default_rng(0)
+    kernel, bias = rng.normal(0, 0.1, (8, 5)), rng.normal(0, 0.1, 5)
+    features, targets = rng.normal(0, 1, (16, 8)), np.eye(5)[rng.integers(0, 5, 16)]
+    losses = {}
+    for pull in (0.0, 3.0):
+        inputs = keras.Input((8,))
+        layer = AnchoredDense(5, pull)
+        model = keras.Model(inputs, layer(inputs))
+        layer.start_from(kernel, bias)
+        layer.kernel.assign(kernel + 0.1)  # moved by 0.1 in each of 40 weights
+        model.compile(optimizer=keras.optimizers.SGD(0.0), loss="categorical_crossentropy")
+        losses[pull] = float(model.train_on_batch(features, targets))
+        np.testing.assert_allclose(
+            model.evaluate(features, targets, verbose=0), losses[0.0], rtol=1e-5
+        )
+    np.testing.assert_allclose(losses[3.0] - losses[0.0], 3.0 * 40 * 0.01, rtol=1e-4)

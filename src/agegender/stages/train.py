@@ -28,6 +28,7 @@ from agegender.contracts.stage import stage
 from agegender.facedata.face_chips import CHIP_SIZE, chip_batches, crop_face_margin
 from agegender.facedata.input_pipeline import image_dataset
 from agegender.nets import devices
+from agegender.nets.cydral_networks import AGE_NETWORK_FILE
 from agegender.nets.data_parallel import local_batches, validation_copies
 from agegender.nets.feature_cache import (
     EpochSync,
@@ -150,7 +151,9 @@ def main(params, run):
         kept_rows(read_csv(split_table(name)), manifest, name) for name in ("train", "val")
     )
     with setup["strategy"].scope():
-        networks = build_networks(**network_settings(params))
+        networks = build_networks(
+            **network_settings(params), age_network_file=FEATURES / AGE_NETWORK_FILE
+        )
         if networks.base is not None:
             networks.base.load_weights(FEATURES / "base.weights.h5")
     root = Path(".") if setup["chief"] else Path(tempfile.mkdtemp(prefix="agegender-worker-"))
