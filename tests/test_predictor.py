@@ -142,3 +142,44 @@ def test_crops_are_reframed_to_the_training_crops(crops):
     direct = predictor.framed(crops[0].resize((100, 100)), 0.4)
     assert np.abs(np.asarray(reframed, float) - np.asarray(direct, float)).mean() < 4
     assert crop_box(wide, margin) == (37, 37, 93, 93)
+
+
+def test_the_pretrained_networks_alone_read_the_fused_models_chips(
+    face_models, cydral_models, sample_dir, tmp_path
+):
+    """For a fused model, Cydral's networks as they are, on the very chips that model reads:
+    their own answers, unchanged; nothing for another model or without the two files."""
+    import keras
+
+    from agegender.facedata.face_chips import MODEL_FILES
+    from agegender.inference.predictor import pretrained_predictor
+    from agegender.nets.cydral_networks import cydral_network
+    from agegender.nets.model import age_chip
+
+    fused = build_networks(
+        64,
+        backbone="dlib_resnet+cydral_age",
+        weights_file=face_models / MODEL_FILES["descriptor"][0],
+        age_network_file=cydral_models / "age-v1.onnx",
+        head_units=(8,),
+    ).image_model
+    for name in ("shape_predictor_5_face_landmarks.dat", "age-v1.onnx", "gender-v1.onnx"):
+        source = (face_models if name.endswith(".dat") else cydral_models) / name
+        (tmp_path / name).symlink_to(source)
+    predictor = Predictor(fused, ChipCutter(tmp_path, 0.4))
+    alone = pretrained_predictor(predictor, tmp_path)
+    paths = sorted((sample_dir / "90").glob("*.jpg"))[:4]
+    chips = np.stack([ChipCutter(tmp_path, 0.4).chip(Image.open(p).convert("RGB")) for p in paths])
+    outputs = alone.outputs_of_inputs(chips.astype(np.float32))
+    inputs = keras.Input((150, 150, 3))
+    for task, classes in (("age", 81), ("gender", 2)):
+        network = cydral_network(cydral_models / f"{task}-v1.onnx")
+        own = np.asarray(network(keras.Model(inputs, age_chip(inputs, task))(chips)))
+        np.testing.assert_allclose(outputs[task][:, :classes], own, atol=1e-5)
+    assert (outputs["age"][:, 81:] == 0).all()
+    chip_only = build_networks(
+        64, backbone="dlib_resnet", weights_file=face_models / MODEL_FILES["descriptor"][0]
+    ).image_model
+    assert pretrained_predictor(Predictor(chip_only, ChipCutter(tmp_path, 0.4)), tmp_path) is None
+    (tmp_path / "gender-v1.onnx").unlink()
+    assert pretrained_predictor(predictor, tmp_path) is None

@@ -94,6 +94,8 @@ def build_report(metrics, predictions, by_bin, by_gender, figures, cs_years=5):
         "",
     ]
     lines += headline(metrics, cs_years)
+    if "pretrained_alone" in metrics:
+        lines += pretrained_comparison(metrics, metrics["pretrained_alone"], cs_years)
     lines += [
         "",
         "Age is the expected value over the 101 age outputs (DEX); exact accuracy takes the most "
@@ -167,6 +169,35 @@ def _slice_rows(by_slice, cs, with_groups):
     return header, [[f"{name}", *row] for name, row in zip(by_slice, rows)]
 
 
+def pretrained_comparison(metrics, alone, cs_years):
+    """The trained model (`metrics`: its gender and age figures) beside Cydral's networks alone,
+    zero training, on the same chips (`alone`: {gender_accuracy, age_mae, age_cs<N>}): what the
+    training adds."""
+    cs = f"age_cs{cs_years}"
+    trained = {"gender_accuracy": metrics["gender"]["accuracy"], "age_mae": metrics["age"]["mae"]}
+    trained[cs] = metrics["age"][f"cs{cs_years}"]
+    rows = [
+        (
+            name,
+            percent(figures["gender_accuracy"]),
+            number(figures["age_mae"]),
+            percent(figures[cs]),
+        )
+        for name, figures in (
+            ("this model", trained),
+            ("pretrained networks alone, zero training", alone),
+        )
+    ]
+    header = ("model", "gender accuracy", "age MAE (years)", f"age CS@{cs_years}")
+    return [
+        "",
+        "Against Cydral's age and gender networks as they are (the pretrained networks this "
+        "model adapts), on the same chips:",
+        "",
+        *table(header, rows),
+    ]
+
+
 def external_section(metrics_by_set, figure_links):
     """Markdown for the evaluate_external stage: per set its counts, a headline against the set's
     own majority gender, and the figures by gender, age bin and ethnicity. `metrics_by_set`: {name:
@@ -226,6 +257,8 @@ def external_section(metrics_by_set, figure_links):
                 )
             )
         lines += ["", *table(("figure", "this model", "baseline"), rows)]
+        if "pretrained_alone" in metrics:
+            lines += pretrained_comparison(metrics, metrics["pretrained_alone"], int(cs[2:]))
         for title, key in (
             ("By gender", "by_gender"),
             ("By age bin", "by_age_bin"),

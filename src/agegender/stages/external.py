@@ -10,7 +10,7 @@ from agegender.contracts.layout import EXTERNAL_FIGURES, EXTERNAL_REPORT, MODEL,
 from agegender.contracts.stage import stage
 from agegender.evaluation import external_sets, plots
 from agegender.evaluation.report import external_section
-from agegender.inference.predictor import Predictor
+from agegender.inference.predictor import Predictor, pretrained_predictor
 
 
 def write_figures(name, metrics):
@@ -47,6 +47,10 @@ def main(params, run):
         else None
     )
     by_set = {entry["name"]: external_sets.evaluate_set(predictor, entry, params) for entry in sets}
+    alone = pretrained_predictor(predictor, WEIGHTS) if predictor else None
+    for entry in sets if alone else []:
+        figures = external_sets.evaluate_set(alone, entry, params)
+        by_set[entry["name"]]["pretrained_alone"] = external_sets.headline(figures, cs_years)
 
     EXTERNAL_FIGURES.mkdir(parents=True, exist_ok=True)
     for stale in EXTERNAL_FIGURES.glob("*.png"):  # figures of sets no longer configured
