@@ -95,6 +95,7 @@ def test_settings_map_the_params(repo_params):
         "brightness": 0.3,
         "seed": 9,
         "face_features": "pooled",
+        "age_pull": repo_params["train"]["age_pull"],
     }
     inspect.signature(build_networks).bind(
         **settings, weights_file=None

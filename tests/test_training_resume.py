@@ -21,17 +21,20 @@ import pytest
 import yaml
 from conftest import REPO, fresh_repository, run, set_params
 
+from agegender.contracts.params import FACE_BACKBONES
 from agegender.nets.training import saved_state
 
 pytestmark = pytest.mark.slow
 
-LIMIT = 150  # faces kept by the filter; with these, the rate is halved after the best epoch
+LIMIT = 100  # faces kept by the filter; with these, the rate is halved after the best epoch
 TRAIN = [sys.executable, "-m", "agegender.stages.train"]
 BACKUP = "data/train_backup"
 OUTPUTS = ("metrics/train.json", "metrics/train_history.csv", "models/model.keras")
-# dlib's face network (the default backbone, whose features the fixture cached) with two head
-# epochs and three fine-tuning ones on chips; the pipeline test fine-tunes VGG16.
+# dlib's face network alone (the fused default refuses fine-tuning; its features are cached
+# again) with two head epochs and three fine-tuning ones on chips; the pipeline test fine-tunes
+# VGG16.
 FINETUNE = {
+    "model": {"backbone": "dlib_resnet"},
     "train": {"head_units": [16, 16], "epochs": 2, "finetune_layers": 3, "finetune_epochs": 3},
 }
 
@@ -93,7 +96,7 @@ def results(repo):
     from agegender.nets.model import load_model
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
-    chips = params["model"]["backbone"] == "dlib_resnet"  # aligned 150 px face chips
+    chips = params["model"]["backbone"] in FACE_BACKBONES  # aligned 150 px face chips
     size = 150 if chips else params["train"]["input_size"]
     inputs = np.random.default_rng(0).uniform(0, 255, (16, size, size, 3)).astype(np.float32)
     answers = load_model(repo / "models/model.keras").predict(inputs, verbose=0)
@@ -149,6 +152,7 @@ def test_killed_twice_at_the_default_params_ends_as_an_uninterrupted_run(workdir
 def test_killed_in_fine_tuning_resumes_fine_tuning(workdir):
     repo, env = workdir
     set_params(repo, FINETUNE)
+    run(["dvc", "repro", "features"], repo, env)
     head, tuning = FINETUNE["train"]["epochs"], FINETUNE["train"]["finetune_epochs"]
 
     uninterrupted_output = train(repo, env)

@@ -78,7 +78,7 @@ def test_crop_counts_each_bad_file_under_its_reason(raw):
         assert (path in set(index["full_path"])) == (EXPECTED[kind] is None), kind
     for path in index["full_path"]:
         with Image.open(root / "data/crops/images" / path) as face:
-            assert face.mode == "RGB" and face.size == (64, 64)
+            assert face.mode == "RGB" and face.size == (params["crop"]["size"],) * 2
 
 
 def test_filter_counts_bad_dates_and_scores(raw):
