@@ -11,12 +11,33 @@ from pathlib import Path
 import pytest
 import yaml
 
+from agegender.contracts.files import write_json
 from agegender.contracts.params import load_params
 from agegender.facedata import fetch
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "imdb-wiki"
+# What the calibrate stage writes beside a model, fixed for the tests' untrained models: each
+# answer's central 90% ages widened by 2 years.
+TEST_AGE_RANGE = {"level": 0.9, "widen_years": 2.0, "faces": 100, "method": "test"}
+
+
+def with_age_range(model_path):
+    """The model file, with the age range calibration every Predictor reads beside it."""
+    from agegender.inference.predictor import age_range_file
+
+    write_json(age_range_file(model_path), TEST_AGE_RANGE)
+    return Path(model_path)
+
+
+def install_model(model_path, target="models/model.keras"):
+    """Copy a test model and its age range calibration where the stages read them."""
+    from agegender.inference.predictor import age_range_file
+
+    Path(target).parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy(model_path, target)
+    shutil.copy(age_range_file(model_path), age_range_file(target))
 
 
 @pytest.fixture
@@ -233,6 +254,7 @@ def tiny_image_model(tmp_path_factory):
 
     root = tmp_path_factory.mktemp("tiny-image-model")
     build_networks(32, head_units=(8,), trainable_layers=0).image_model.save(root / "model.keras")
+    with_age_range(root / "model.keras")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["crop"]["size"] = 32
     params["train"]["input_size"] = 32
@@ -261,4 +283,4 @@ def chip_model(tmp_path_factory, face_models):
     networks.normalizer.adapt(np.random.default_rng(0).normal(0, 0.1, (50, 128)).astype("f4"))
     path = tmp_path_factory.mktemp("chip-model") / "model.keras"
     networks.image_model.save(path)
-    return path
+    return with_age_range(path)

@@ -5,13 +5,15 @@ the figures and report to MLflow."""
 import json
 import os
 import re
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import install_model, with_age_range
 
+from agegender.contracts.labels import bin_labels
+from agegender.contracts.params import load_params
 from agegender.stages import evaluate
 
 TEST_IMAGES = 12
@@ -30,7 +32,7 @@ def tiny_model(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("evaluate") / "model.keras"
     build_networks(32, head_units=(8,), trainable_layers=0).image_model.save(path)
-    return path
+    return with_age_range(path)
 
 
 def split_table(paths):
@@ -57,7 +59,7 @@ def stage_inputs(project, tiny_model, sample_dir, monkeypatch):
     Path("data/crops").mkdir(parents=True)
     Path("data/crops/images").symlink_to(sample_dir)
     Path("models").mkdir()
-    shutil.copy(tiny_model, "models/model.keras")
+    install_model(tiny_model)
     Path("metrics").mkdir()
     pd.DataFrame(
         {
@@ -92,9 +94,22 @@ def test_evaluate_writes_report_figures_and_logs_them(stage_inputs):
         "mean_baseline_cs5",
         "mode_baseline_exact",
         "majority_bin_baseline",
+        "range_coverage",
+        "range_mean_width",
     }
+    assert metrics["age"]["range_level"] == 0.9
     predictions = pd.read_csv("metrics/predictions.csv")
     assert len(predictions) == TEST_IMAGES
+    inside = predictions["age_range_low"].le(predictions["age_true"]) & predictions["age_true"].le(
+        predictions["age_range_high"]
+    )
+    assert metrics["age"]["range_coverage"] == pytest.approx(inside.mean(), abs=1e-6)
+    width = predictions["age_range_high"] - predictions["age_range_low"]
+    assert metrics["age"]["range_mean_width"] == pytest.approx(width.mean(), abs=1e-3)
+    by_bin = metrics["age_range_by_bin"]
+    edges = load_params()["evaluate"]["age_bins"]
+    assert list(by_bin) == bin_labels(edges)
+    assert "age range coverage" in Path("metrics/report.md").read_text()
     assert predictions["gender_confidence"].between(0.5, 1).all()
 
     figures = Path("metrics/figures")
@@ -138,6 +153,7 @@ def test_predictions_table_columns():
     test = split_table(["90/1_1980-01-01_2000.jpg", "90/2_1950-05-05_2010.jpg"])
     outputs = {"gender": np.array([[0.2, 0.8], [0.9, 0.1]]), "age": np.zeros((2, 101))}
     outputs["age"][0, 20], outputs["age"][1, 61] = 1, 1
+    outputs["age_range"] = np.array([[12.0, 28.0], [53.0, 69.0]])
     table = evaluate.predictions_table(test, outputs, [0, 10, 20, 30, 40, 50, 60])
     assert list(table.columns) == [
         "full_path",
@@ -146,6 +162,8 @@ def test_predictions_table_columns():
         "gender_confidence",
         "age_true",
         "age_pred",
+        "age_range_low",
+        "age_range_high",
         "age_bin_true",
         "age_bin_pred",
     ]
@@ -156,6 +174,8 @@ def test_predictions_table_columns():
         "gender_confidence": 0.9,
         "age_true": 60,
         "age_pred": 61.0,
+        "age_range_low": 53.0,
+        "age_range_high": 69.0,
         "age_bin_true": "60+",
         "age_bin_pred": "60+",
     }

@@ -17,7 +17,7 @@ import onnxruntime
 import pandas as pd
 import pytest
 import tensorflow as tf
-from conftest import REPO
+from conftest import REPO, install_model, with_age_range
 
 from agegender.contracts.layout import CROP_IMAGES, STAGE_METRICS, WEIGHTS, split_table
 from agegender.inference import pyfunc
@@ -38,15 +38,14 @@ def tiny_model(tmp_path_factory):
     build_networks(
         SIZE, head_units=(8,), trainable_layers=0, flip=True, brightness=0.1
     ).image_model.save(path)
-    return path
+    return with_age_range(path)
 
 
 def scratch_project(project, model):
     """A scratch project with models/model.keras and its own MLflow experiment."""
     experiment = f"test-export-{uuid.uuid4().hex[:8]}"
     params = project(mlflow={"experiment": experiment})
-    (export.MODEL).parent.mkdir(parents=True)
-    shutil.copy(model, export.MODEL)
+    install_model(model, export.MODEL)
     return params
 
 

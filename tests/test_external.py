@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import REPO
+from conftest import REPO, install_model, with_age_range
 
 from agegender.apps.cli import main as agegender
 from agegender.contracts.errors import PipelineError
@@ -372,7 +372,7 @@ def tiny_image_model(tmp_path_factory):
 
     path = tmp_path_factory.mktemp("external") / "model.keras"
     build_networks(input_size=32, backbone="vgg16", head_units=[8]).image_model.save(path)
-    return path
+    return with_age_range(path)
 
 
 def sample_faces(sample_dir, count, start=0):
@@ -434,7 +434,7 @@ def test_stage_scores_utkface_and_csv_sets(
     project(external={"sets": sets}, evaluate={"batch_size": 4})
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"external-test-{id(monkeypatch)}")
     Path("models").mkdir()
-    shutil.copy(tiny_image_model, "models/model.keras")
+    install_model(tiny_image_model)
     stale = Path("metrics/external_figures/gone_age_bins.png")
     stale.parent.mkdir(parents=True)
     stale.write_bytes(b"")
@@ -465,6 +465,10 @@ def test_stage_scores_utkface_and_csv_sets(
     assert utk["gender"]["majority_baseline"] == round(5 / 9, 6)
     true_ages = [age for _, age in faces]
     assert utk["age"]["mae"] >= 0 and 0 <= utk["age"]["cs5"] <= 1
+    assert 0 <= utk["age"]["range_coverage"] <= 1 and utk["age"]["range_mean_width"] > 0
+    assert all(
+        0 <= row["range_coverage"] <= 1 for row in utk["by_age_bin"].values() if row["count"]
+    )
     bins = {
         label: int((age_bin(true_ages, EDGES) == index).sum())
         for index, label in enumerate(bin_labels(EDGES))
@@ -541,7 +545,7 @@ def test_agegender_evaluate_prints_the_stages_figures(
     project(external={"sets": sets}, evaluate={"batch_size": 4})
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", f"external-cli-{id(monkeypatch)}")
     Path("models").mkdir()
-    shutil.copy(tiny_image_model, "models/model.keras")
+    install_model(tiny_image_model)
     stage.main()
     from_stage = json.loads(Path("metrics/external.json").read_text())["sets"]["utk"]
     capsys.readouterr()
@@ -571,7 +575,7 @@ def test_stage_refuses_a_set_without_usable_images(project, tiny_image_model, ca
     (Path("bad") / "1_2_3.jpg").write_bytes(b"")
     project(external={"sets": [{"name": "bad", "format": "utkface", "path": "bad"}]})
     Path("models").mkdir()
-    shutil.copy(tiny_image_model, "models/model.keras")
+    install_model(tiny_image_model)
     with pytest.raises(SystemExit) as exit_info:
         stage.main()
     assert exit_info.value.code == 1
@@ -620,7 +624,7 @@ def test_stage_with_a_chip_model(project, chip_model, sample_dir):
         }
     )
     Path("models").mkdir()
-    shutil.copy(chip_model, "models/model.keras")
+    install_model(chip_model)
     dlib_weights(Path("data/weights"))
     stage.main()
     utk = json.loads(Path("metrics/external.json").read_text())["sets"]["utk"]
@@ -654,7 +658,7 @@ def test_real_utkface_faces(project, chip_model):
         (subset / name).symlink_to(UTKFACE / name)
     project(external={"sets": [{"name": "utkface", "format": "utkface", "path": "utk"}]})
     Path("models").mkdir()
-    shutil.copy(chip_model, "models/model.keras")
+    install_model(chip_model)
     dlib_weights(Path("data/weights"))
     stage.main()
     utk = json.loads(Path("metrics/external.json").read_text())["sets"]["utkface"]

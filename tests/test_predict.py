@@ -55,6 +55,8 @@ def check_face(record, width, height):
     assert 0.9 <= record["confidence"] <= 1
     assert record["gender"] in ("male", "female") and 0.5 <= record["gender_prob"] <= 1
     assert 0 <= record["age"] <= 100
+    low, high = record["age_range"]
+    assert 0 <= low <= record["age"] <= high <= 100
     assert record["age_bin"] == bin_labels(BINS)[age_bin(record["age"], BINS)]
     assert record["most_likely_age_bin"] in bin_labels(BINS)
     assert 0 < record["most_likely_age_bin_prob"] <= 1
@@ -123,11 +125,12 @@ def test_csv_has_a_header_and_one_row(setup, capsys):
     assert status == 0
     rows = list(csv.DictReader(io.StringIO(out)))
     assert out.startswith(
-        "file,face,x1,y1,x2,y2,confidence,gender,gender_prob,age,age_bin,"
-        "most_likely_age_bin,most_likely_age_bin_prob\n"
+        "file,face,x1,y1,x2,y2,confidence,gender,gender_prob,age,age_range_low,age_range_high,"
+        "age_bin,most_likely_age_bin,most_likely_age_bin_prob\n"
     )
     assert len(rows) == 1 and rows[0]["face"] == "0" and rows[0]["gender"] in ("male", "female")
-    assert 0 <= float(rows[0]["age"]) <= 100
+    assert 0 <= float(rows[0]["age_range_low"]) <= float(rows[0]["age"])
+    assert float(rows[0]["age"]) <= float(rows[0]["age_range_high"]) <= 100
 
 
 def test_annotate_draws_on_a_copy(setup, capsys, tmp_path):

@@ -9,6 +9,7 @@ from PIL import Image
 from agegender.contracts.errors import PipelineError
 from agegender.facedata.face_chips import ChipCutter
 from agegender.inference.predictor import (
+    ANSWER_FIELDS,
     GENDERS,
     Predictor,
     as_photo,
@@ -110,6 +111,11 @@ def test_the_age_bin_is_the_expected_ages_and_the_likeliest_bin_is_named_apart()
     age[0, 25] = 0.5
     age[0, 40:70] = 0.5 / 30
     (answer,) = readable({"gender": np.array([[0.9, 0.1]]), "age": age}, BINS)
+    assert "age_range" not in answer  # outputs without ranges: a predictor with no calibration
+    ranges = np.array([[21.0, 66.5]])
+    (ranged,) = readable({"gender": np.array([[0.9, 0.1]]), "age": age, "age_range": ranges}, BINS)
+    assert ranged == {**answer, "age_range": [21.0, 66.5]}
+    assert list(ranged) == ANSWER_FIELDS
     assert answer["gender"] == "female" and answer["gender_prob"] == 0.9
     assert answer["age"] == pytest.approx(39.75, abs=1e-5)
     assert answer["age_bin"] == "30-39"

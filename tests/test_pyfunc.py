@@ -3,7 +3,6 @@ on a real photo (Grace Hopper, shipped with matplotlib) with a tiny untrained mo
 
 import base64
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -18,6 +17,7 @@ import pandas as pd
 import pytest
 import requests
 import yaml
+from conftest import install_model, with_age_range
 from PIL import Image
 
 from agegender.contracts.labels import bin_labels
@@ -52,6 +52,7 @@ def registered(tmp_path_factory, tracking_uri):
     build_networks(
         SIZE, head_units=(8,), trainable_layers=0, flip=True, brightness=0.1
     ).image_model.save(model_path)
+    with_age_range(model_path)
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["age_bins"] = BINS
     params["crop"]["size"] = SIZE
@@ -84,6 +85,8 @@ def check_rows(result, rows):
     assert result["gender_prob"].between(0.5, 1.0).all()
     assert result["age"].between(0, 100).all()
     assert set(result["age_bin"]) <= set(bin_labels(BINS))
+    for age, (low, high) in zip(result["age"], result["age_range"]):
+        assert 0 <= low <= age <= high <= 100
 
 
 def test_logged_model_carries_signature_requirements_and_code(registered, loaded):
@@ -286,7 +289,7 @@ def test_dlib_model_is_served_on_crops_with_its_landmark_model(
 
     from agegender.inference.predictor import Predictor
 
-    shutil.copy(chip_model, tmp_path / "model.keras")
+    install_model(chip_model, tmp_path / "model.keras")
     weights = face_models  # links: the logged model must carry the files themselves
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"]["age_bins"] = BINS

@@ -35,7 +35,12 @@ from agegender.inference.predictor import (
 )
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp"}
-FIELDS = ["file", "face", "x1", "y1", "x2", "y2", "confidence", *ANSWER_FIELDS]
+# CSV: the box and the age range as one column per number
+FIELDS = ["file", "face", "x1", "y1", "x2", "y2", "confidence"] + [
+    column
+    for field in ANSWER_FIELDS
+    for column in (["age_range_low", "age_range_high"] if field == "age_range" else [field])
+]
 UNREADABLE = {"missing", "unreadable", "too_large", "too_small", "no_images"}
 
 
@@ -103,8 +108,15 @@ class Writer:
     def write(self, file, answer):
         record = {"file": str(file), **answer}
         if self.fmt == "csv":
-            box = record.pop("box")
-            self.csv.writerow({**record, **dict(zip(("x1", "y1", "x2", "y2"), box))})
+            box, (low, high) = record.pop("box"), record.pop("age_range")
+            self.csv.writerow(
+                {
+                    **record,
+                    **dict(zip(("x1", "y1", "x2", "y2"), box)),
+                    "age_range_low": low,
+                    "age_range_high": high,
+                }
+            )
         else:
             self.stream.write(json.dumps(record) + "\n")
         self.stream.flush()

@@ -20,6 +20,7 @@ FEATURES = Path("data/features")
 TRAIN_BACKUP = Path("data/train_backup")  # not a DVC output, so it survives a killed run
 
 MODEL = Path("models/model.keras")
+AGE_RANGE = Path("models/age_range.json")  # beside the model: the calibration of its age ranges
 SAVED_MODEL = Path("models/saved_model")
 TFLITE = Path("models/model.tflite")
 ONNX = Path("models/model.onnx")
@@ -38,6 +39,7 @@ STAGE_METRICS = {
     "split": Path("metrics/split.json"),
     "features": Path("metrics/features.json"),
     "train": Path("metrics/train.json"),
+    "calibrate": Path("metrics/calibrate.json"),
     "evaluate_external": Path("metrics/external.json"),
     "evaluate": Path("metrics/evaluate.json"),
     "export": Path("metrics/export.json"),

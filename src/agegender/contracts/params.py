@@ -74,7 +74,7 @@ SCHEMA = {
         "jit_compile": AUTO_BOOL,
         "cache_images": bool,
     },
-    "evaluate": {"batch_size": int, "age_bins": list, "cs_years": int},
+    "evaluate": {"batch_size": int, "age_bins": list, "cs_years": int, "age_range_level": NUMBER},
     "external": {"sets": list},
     "mlflow": {"experiment": str},
 }

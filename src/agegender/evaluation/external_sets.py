@@ -12,8 +12,8 @@ import numpy as np
 import pandas as pd
 
 from agegender.contracts.errors import PipelineError
-from agegender.contracts.labels import AGES, GENDERS, age_bin, bin_labels, expected_age
-from agegender.evaluation.metrics import age_metrics, gender_metrics
+from agegender.contracts.labels import GENDERS, age_bin, bin_labels, expected_age
+from agegender.evaluation.metrics import age_metrics, gender_metrics, range_hits, rounded
 from agegender.facedata.images import ImageSkip, load_rgb
 
 FORMATS = ("utkface", "csv")
@@ -213,8 +213,9 @@ def records(entry):
     )
 
 
-def _group(hit, error, in_group, members, cs_years, with_groups):
-    """The figures of one slice; None where the slice has no image with that label."""
+def _group(hit, error, in_group, members, cs_years, with_groups, ranges=None):
+    """The figures of one slice; None where the slice has no image with that label. `ranges`:
+    (covered, width) per image, where the predictor gives age ranges."""
     aged, grouped = members & ~np.isnan(error), members & ~np.isnan(in_group)
 
     def share(values, mask):
@@ -228,6 +229,9 @@ def _group(hit, error, in_group, members, cs_years, with_groups):
     }
     if with_groups:
         row["group_accuracy"] = share(in_group, grouped)
+    if ranges is not None:
+        row["range_coverage"] = share(ranges[0], aged)
+        row["range_mean_width"] = share(ranges[1], aged)
     return row
 
 
@@ -246,6 +250,10 @@ def score(table, outputs, edges, cs_years):
     in_group = np.where(grouped, (expected >= low) & (expected < high + 1), np.nan)
     with_groups = bool(grouped.any())
     aged = ~np.isnan(age)
+    age_ranges = outputs.get("age_range")
+    ranges = None
+    if age_ranges is not None:
+        ranges = (range_hits(age, age_ranges), age_ranges[:, 1] - age_ranges[:, 0])
 
     result = {
         "gender": {
@@ -254,7 +262,17 @@ def score(table, outputs, edges, cs_years):
         },
         "age": {
             "count": int(aged.sum()),
-            **(age_metrics(age[aged], outputs["age"][aged], edges, cs_years) if aged.any() else {}),
+            **(
+                age_metrics(
+                    age[aged],
+                    outputs["age"][aged],
+                    edges,
+                    cs_years,
+                    None if age_ranges is None else age_ranges[aged],
+                )
+                if aged.any()
+                else {}
+            ),
         },
     }
     if with_groups:
@@ -263,12 +281,12 @@ def score(table, outputs, edges, cs_years):
             "accuracy": float(in_group[grouped].mean()),
         }
     result["by_gender"] = {
-        name: _group(hit, error, in_group, gender == index, cs_years, with_groups)
+        name: _group(hit, error, in_group, gender == index, cs_years, with_groups, ranges)
         for index, name in enumerate(GENDERS)
     }
     bins = age_bin(np.where(aged, age, low), edges)
     result["by_age_bin"] = {
-        label: _group(hit, error, in_group, bins == index, cs_years, with_groups)
+        label: _group(hit, error, in_group, bins == index, cs_years, with_groups, ranges)
         for index, label in enumerate(bin_labels(edges))
     }
     ethnicity = table["ethnicity"].fillna("").astype(str).to_numpy()
@@ -276,24 +294,11 @@ def score(table, outputs, edges, cs_years):
         names = sorted(set(ethnicity), key=lambda name: (not name, name))  # unlabelled last
         result["by_ethnicity"] = {
             name or "unlabelled": _group(
-                hit, error, in_group, ethnicity == name, cs_years, with_groups
+                hit, error, in_group, ethnicity == name, cs_years, with_groups, ranges
             )
             for name in names
         }
     return result
-
-
-def rounded(value, digits=6):
-    """JSON-ready: floats rounded, NaN as null."""
-    if isinstance(value, dict):
-        return {key: rounded(item, digits) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [rounded(item, digits) for item in value]
-    if isinstance(value, (float, np.floating)):
-        return None if math.isnan(value) else round(float(value), digits)
-    if isinstance(value, np.integer):
-        return int(value)
-    return value
 
 
 def slice_table(by_slice):
@@ -313,6 +318,8 @@ def headline(metrics, cs_years):
         "age_mae": age.get("mae"),
         f"age_cs{cs_years}": age.get(f"cs{cs_years}"),
         "age_group_accuracy": group.get("accuracy"),
+        "age_range_coverage": age.get("range_coverage"),
+        "age_range_mean_width": age.get("range_mean_width"),
     }
     return {key: value for key, value in figures.items() if value is not None}
 
@@ -320,7 +327,8 @@ def headline(metrics, cs_years):
 def outputs_of_images(predictor, paths, face_margin, batch_size):
     """(rows of `paths` scored, their outputs, skips per reason), one batch of images in memory at
     a time."""
-    kept, gender, age, skipped = [], [np.zeros((0, 2))], [np.zeros((0, len(AGES)))], Counter()
+    kept, skipped = [], Counter()
+    parts = [predictor.outputs([])]
     for start in range(0, len(paths), batch_size):
         crops, rows = [], []
         for row in range(start, min(start + batch_size, len(paths))):
@@ -336,13 +344,9 @@ def outputs_of_images(predictor, paths, face_margin, batch_size):
         if not usable.all():
             skipped["no_landmarks"] += int((~usable).sum())
         kept += [row for row, ok in zip(rows, usable) if ok]
-        gender.append(outputs["gender"][usable])
-        age.append(outputs["age"][usable])
-    return (
-        np.array(kept, dtype=int),
-        {"gender": np.concatenate(gender), "age": np.concatenate(age)},
-        dict(skipped),
-    )
+        parts.append({task: values[usable] for task, values in outputs.items()})
+    outputs = {task: np.concatenate([part[task] for part in parts]) for task in parts[0]}
+    return np.array(kept, dtype=int), outputs, dict(skipped)
 
 
 def evaluate_set(predictor, entry, params):

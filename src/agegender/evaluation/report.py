@@ -61,6 +61,8 @@ def headline(metrics, cs_years):
         ),
         ("Age bin within one bin", percent(age["bin_within_one"]), "–", "–"),
     ]
+    if "range_coverage" in age:
+        rows.append(range_row(age))
     return table(("figure", "this model", "baseline", "reference design"), rows)
 
 
@@ -105,12 +107,15 @@ def build_report(metrics, predictions, by_bin, by_gender, figures, cs_years=5):
         "",
     ]
     baseline = "baseline_mae" in by_bin.columns
+    ranges = "range_coverage" in by_bin.columns
     lines += table(
         ("true age bin", "images", "MAE (years)", "bin accuracy")
-        + ("MAE of the training mean age",) * baseline,
+        + ("MAE of the training mean age",) * baseline
+        + ("age range coverage", "age range width (years)") * ranges,
         [
             (row.bin, row.count, number(row.mae), percent(row.bin_accuracy))
             + ((number(row.baseline_mae),) if baseline else ())
+            + ((percent(row.range_coverage), number(row.range_mean_width, 1)) if ranges else ())
             for row in by_bin.itertuples()
         ],
     )
@@ -154,6 +159,17 @@ def build_report(metrics, predictions, by_bin, by_gender, figures, cs_years=5):
     return "\n".join(lines)
 
 
+def range_row(age):
+    """The headline row of the age ranges: how often they held the true age, how wide."""
+    return (
+        "Age range coverage (share of true ages inside `age_range`)",
+        f"{percent(age['range_coverage'])}, {number(age['range_mean_width'], 1)} years wide "
+        "on average",
+        "–",
+        "–",
+    )
+
+
 def _cs_key(row):
     return next((key for key in row if key.startswith("cs") and key[2:].isdigit()), "cs5")
 
@@ -161,9 +177,12 @@ def _cs_key(row):
 def _slice_rows(by_slice, cs, with_groups):
     header = ["images", "gender accuracy", "age MAE (years)", f"CS@{cs[2:]}"]
     header += ["age-group accuracy"] if with_groups else []
+    ranges = "range_coverage" in next(iter(by_slice.values()), {})
+    header += ["age range coverage", "age range width"] if ranges else []
     rows = [
         [row["count"], percent(row["gender_accuracy"]), number(row["mae"]), percent(row[cs])]
         + ([percent(row.get("group_accuracy"))] if with_groups else [])
+        + ([percent(row["range_coverage"]), number(row["range_mean_width"], 1)] if ranges else [])
         for row in by_slice.values()
     ]
     return header, [[f"{name}", *row] for name, row in zip(by_slice, rows)]
@@ -248,6 +267,8 @@ def external_section(metrics_by_set, figure_links):
                 (f"Age CS@{cs[2:]} (share within {cs[2:]} years)", percent(age[cs]), "–"),
                 ("Age-bin accuracy", percent(age["bin_accuracy"]), "–"),
             ]
+            if "range_coverage" in age:
+                rows.append(range_row(age)[:3])
         if group:
             rows.append(
                 (

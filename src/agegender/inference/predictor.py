@@ -7,6 +7,9 @@ go through here.
     predictor.faces("photo.jpg")            # every face found by MTCNN, with its box
     predictor.crops(["face1.jpg", face2])   # faces already cut: no detector runs
 
+Every answer carries `age_range`, the conformal range calibrated on the validation split
+(`agegender.inference.age_range`), read from `age_range.json` beside the model.
+
 Every model is one Keras model from face images to the two heads. A model on a Keras backbone
 (VGG16, ...) reads the crop's pixels; a model on dlib's face network (`dlib_resnet`) reads the
 crop's aligned 150 px chip, which `ChipCutter` cuts from the crop's landmarks exactly as the
@@ -27,7 +30,7 @@ from agegender.contracts.labels import (
     bin_probabilities,
     expected_age,
 )
-from agegender.contracts.layout import MODEL, PARAMS, WEIGHTS
+from agegender.contracts.layout import AGE_RANGE, MODEL, PARAMS, WEIGHTS
 from agegender.facedata.face_chips import crop_face_margin
 from agegender.facedata.images import (
     as_array,
@@ -38,12 +41,14 @@ from agegender.facedata.images import (
     reframe_crop,
     resize_whole,
 )
+from agegender.inference.age_range import age_ranges, read_age_range
 
 # What predict and the API answer per face, after the face's file, index, box and confidence.
 ANSWER_FIELDS = [
     "gender",
     "gender_prob",
     "age",
+    "age_range",
     "age_bin",
     "most_likely_age_bin",
     "most_likely_age_bin_prob",
@@ -137,7 +142,8 @@ class Predictor:
 
     `face_margin` and `size` say how the training crops were framed (the face box plus
     `face_margin` of its size on each side, `size` pixels square); every face is framed so
-    before the model sees it. `age_bins` are the lower edges of the reported age bins."""
+    before the model sees it. `age_bins` are the lower edges of the reported age bins.
+    `age_range`: the calibration of the age ranges (None: answers without one)."""
 
     def __init__(
         self,
@@ -147,8 +153,9 @@ class Predictor:
         size=64,
         age_bins=(0, 10, 20, 30, 40, 50, 60),
         batch_size=32,
+        age_range=None,
     ):
-        self.model = model
+        self.model, self.age_range = model, age_range
         self.cutter = cutter if takes_chips(model) else None
         self.face_margin, self.size = float(face_margin), int(size)
         self.age_bins, self.batch_size = [int(edge) for edge in age_bins], int(batch_size)
@@ -162,12 +169,15 @@ class Predictor:
         batch_size=32,
         hint="run `dvc repro train`",
         weights_hint="",
+        with_age_range=True,
     ):
         """The model at `model_path`, framed and binned as `params` (params.yaml or its dict)
-        says; a dlib_resnet model also loads dlib's landmark model from `weights_dir`. `hint`
-        and `weights_hint` end the messages of a missing model and of a missing landmark file."""
+        says, with the age range calibration beside it; a dlib_resnet model also loads dlib's
+        landmark model from `weights_dir`. `hint` and `weights_hint` end the messages of a
+        missing model and of a missing landmark file."""
         settings = settings_of(params)
         model = open_model(model_path, hint)
+        calibration = read_age_range(age_range_file(model_path)) if with_age_range else None
         cutter = None
         if takes_chips(model):
             from agegender.facedata.face_chips import ChipCutter
@@ -176,7 +186,7 @@ class Predictor:
                 cutter = ChipCutter(weights_dir, settings["face_margin"])
             except PipelineError as error:
                 raise PipelineError(f"{error} {weights_hint}".strip()) from None
-        return cls(model, cutter, batch_size=batch_size, **settings)
+        return cls(model, cutter, batch_size=batch_size, age_range=calibration, **settings)
 
     def faces(self, photo, min_face_size=20):
         """The faces MTCNN finds in a photo (PIL image, RGB array or path), most confident first:
@@ -213,6 +223,13 @@ class Predictor:
         """Answers for crops already framed as the training crops, `batch_size` per call."""
         return readable(self.outputs(crops), self.age_bins)
 
+    def with_ranges(self, outputs):
+        """The outputs with `age_range` ((N, 2) low, high) added when the predictor has a
+        calibration."""
+        if self.age_range is not None:
+            outputs["age_range"] = age_ranges(outputs["age"], self.age_range)
+        return outputs
+
     def inputs(self, crops):
         """What the network reads: aligned chips (NaN where landmarks failed) or pixels."""
         if takes_chips(self.model):
@@ -241,17 +258,19 @@ class Predictor:
             outputs = self.model.predict_on_batch(inputs[chunk])
             for task in result:
                 result[task][chunk] = np.asarray(outputs[task], dtype=np.float64)
-        return result
+        return self.with_ranges(result)
 
     def outputs_of_batches(self, batches):
         """The outputs for a stream of input batches (a keras PyDataset or tf.data of the
         cached features or crops), as evaluate reads the test split."""
         outputs = self.model.predict(batches, verbose=0)
-        return {task: np.asarray(values, dtype=np.float64) for task, values in outputs.items()}
+        return self.with_ranges(
+            {task: np.asarray(values, dtype=np.float64) for task, values in outputs.items()}
+        )
 
     def outputs(self, crops):
         if not crops:
-            return {"gender": np.zeros((0, 2)), "age": np.zeros((0, len(AGES)))}
+            return self.with_ranges({"gender": np.zeros((0, 2)), "age": np.zeros((0, len(AGES)))})
         return self.outputs_of_inputs(self.inputs(crops))
 
     def outputs_of_files(self, paths, chunk=512):
@@ -290,6 +309,12 @@ def pretrained_predictor(predictor, weights_dir=WEIGHTS):
     )
 
 
+def age_range_file(model_path):
+    """Where a model's age range calibration lives: beside it, as the calibrate stage writes
+    models/age_range.json beside models/model.keras."""
+    return Path(model_path).with_name(AGE_RANGE.name)
+
+
 def chips_with_gaps(chips, usable):
     """Chips as the network reads them, float32, NaN where no landmarks were found (those rows
     are not run and stay NaN in the outputs)."""
@@ -301,7 +326,8 @@ def chips_with_gaps(chips, usable):
 def answer_columns(outputs, bins):
     """The answer fields as columns, one row per face: the gender and its probability; `age`,
     the expected age (DEX), with `age_bin`, the bin that age falls in; and the bin holding the
-    most probability, which need not be the expected age's, with that probability."""
+    most probability, which need not be the expected age's, with that probability; and
+    `age_range` ((N, 2)) where the outputs carry it."""
     labels = np.array(bin_labels(bins))
     with np.errstate(invalid="ignore"):
         bin_probs = bin_probabilities(outputs["age"], bins)
@@ -310,6 +336,7 @@ def answer_columns(outputs, bins):
     usable = ~np.isnan(gender).any(axis=1) & ~np.isnan(age)
     male, best_bin = gender.argmax(axis=1), bin_probs.argmax(axis=1)
     rows = np.arange(len(gender))
+    ranges = {"age_range": outputs["age_range"]} if "age_range" in outputs else {}
     return {
         "usable": usable,
         "gender": np.array(GENDERS)[male],
@@ -318,6 +345,7 @@ def answer_columns(outputs, bins):
         "age_bin": labels[age_bin(np.nan_to_num(age), bins)],
         "most_likely_age_bin": labels[best_bin],
         "most_likely_age_bin_prob": bin_probs[rows, best_bin],
+        **ranges,
     }
 
 
@@ -330,6 +358,7 @@ def readable(outputs, bins):
             "gender": str(columns["gender"][row]),
             "gender_prob": round(float(columns["gender_prob"][row]), PROBABILITY_DECIMALS),
             "age": round(float(columns["age"][row]), AGE_DECIMALS),
+            **({"age_range": columns["age_range"][row].tolist()} if "age_range" in columns else {}),
             "age_bin": str(columns["age_bin"][row]),
             "most_likely_age_bin": str(columns["most_likely_age_bin"][row]),
             "most_likely_age_bin_prob": round(

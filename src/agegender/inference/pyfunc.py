@@ -2,9 +2,10 @@
 
 One request row is one face crop, base64-encoded JPEG or PNG bytes in the column `image`;
 the answer row holds the fields `agegender predict --crops` prints: gender,
-gender_prob, age (DEX expected value over the 101 outputs), age_bin (the bin of that age),
-most_likely_age_bin and most_likely_age_bin_prob. Faces are not detected here: each image is
-taken as an already cropped face, framed as the crop stage frames them (the face box plus
+gender_prob, age (DEX expected value over the 101 outputs), age_range ([low, high], calibrated
+on the validation split; the calibration travels inside the logged model), age_bin (the bin of
+that age), most_likely_age_bin and most_likely_age_bin_prob. Faces are not detected here: each
+image is taken as an already cropped face, framed as the crop stage frames them (the face box plus
 `crop.margin` on each side), and goes through the same inference core as predict
 (`Predictor.crops` in agegender.inference.predictor). A dlib_resnet model carries dlib's
 landmark model as an artifact, so the served model cuts each crop's aligned chip itself; a face
@@ -26,17 +27,31 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models.signature import ModelSignature
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
-from mlflow.types.schema import ColSpec, Schema
+from mlflow.types.schema import Array, ColSpec, Schema
 
 from agegender.facedata.images import ImageSkip, load_rgb
-from agegender.inference.predictor import ANSWER_FIELDS, Predictor, open_model, takes_chips
+from agegender.inference.age_range import read_age_range
+from agegender.inference.predictor import (
+    ANSWER_FIELDS,
+    Predictor,
+    age_range_file,
+    open_model,
+    takes_chips,
+)
 
 OUTPUT_COLUMNS = ANSWER_FIELDS
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "image")]),
     outputs=Schema(
         [
-            ColSpec("string" if column.endswith(("gender", "bin")) else "double", column)
+            ColSpec(
+                "string"
+                if column.endswith(("gender", "bin"))
+                else Array("double")
+                if column == "age_range"
+                else "double",
+                column,
+            )
             for column in OUTPUT_COLUMNS
         ]
     ),
@@ -110,8 +125,9 @@ def decode_image(text, row):
 class AgeGenderModel(mlflow.pyfunc.PythonModel):
     """Gender and age of face crops sent as base64 images (column `image`, one face per row)."""
 
-    def __init__(self, age_bins, batch_size=32, face_margin=0.4, size=64):
+    def __init__(self, age_bins, batch_size=32, face_margin=0.4, size=64, age_range=None):
         self.age_bins = [int(edge) for edge in age_bins]
+        self.age_range = age_range
         self.batch_size = int(batch_size)
         self.face_margin, self.size = float(face_margin), int(size)
         self.model = None
@@ -124,7 +140,13 @@ class AgeGenderModel(mlflow.pyfunc.PythonModel):
 
             cutter = ChipCutter(context.artifacts[FACE_MODELS], self.face_margin)
         self.model = Predictor(
-            model, cutter, self.face_margin, self.size, self.age_bins, self.batch_size
+            model,
+            cutter,
+            self.face_margin,
+            self.size,
+            self.age_bins,
+            self.batch_size,
+            self.age_range,
         )
 
     def predict(self, context, model_input: pd.DataFrame, params=None):
@@ -166,8 +188,8 @@ def log_pyfunc(
     """Log the Keras model at `keras_model_path` as a pyfunc model in the active run (or a new
     one) and register it as a new version of `registered_name` (None: not registered).
     `params` is the whole params.yaml; the age bins come from `evaluate.age_bins`, the face
-    margin of the crops from `crop`. `face_models_dir`: dlib's landmark model, for a dlib_resnet
-    model.
+    margin of the crops from `crop`, the age range calibration from beside the Keras model.
+    `face_models_dir`: dlib's landmark model, for a dlib_resnet model.
     Returns MLflow's ModelInfo (model_uri, registered_model_version)."""
     from agegender.facedata.face_chips import crop_face_margin
 
@@ -176,6 +198,7 @@ def log_pyfunc(
         params["evaluate"]["batch_size"],
         crop_face_margin(params["crop"]),
         params["crop"]["size"],
+        read_age_range(age_range_file(keras_model_path)),
     )
     requirements = PIP_REQUIREMENTS + (FACE_REQUIREMENTS if face_models_dir is not None else [])
     with tempfile.TemporaryDirectory(prefix="agegender-face-models-") as staging:

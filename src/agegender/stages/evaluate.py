@@ -1,5 +1,6 @@
 """Stage evaluate: the test split, reported as the reference design and the peers report,
-with figures (PNG) and a one-page report (metrics/report.md)."""
+with figures (PNG) and a one-page report (metrics/report.md); and how often the age ranges,
+calibrated on the validation split, hold the true age here."""
 
 import os
 
@@ -30,6 +31,7 @@ from agegender.evaluation.metrics import (
     mean_age_baseline,
     per_age_bin,
     per_gender,
+    rounded,
 )
 from agegender.evaluation.report import build_report
 from agegender.facedata.input_pipeline import image_dataset
@@ -56,6 +58,8 @@ def predictions_table(test, outputs, edges):
             "gender_confidence": np.round(answers["gender_prob"], PROBABILITY_DECIMALS),
             "age_true": test["age"].to_numpy(),
             "age_pred": np.round(answers["age"], AGE_DECIMALS),
+            "age_range_low": answers["age_range"][:, 0],
+            "age_range_high": answers["age_range"][:, 1],
             "age_bin_true": labels[age_bin(test["age"].to_numpy(), edges)],
             "age_bin_pred": answers["most_likely_age_bin"],
         }
@@ -105,13 +109,6 @@ def write_figures(predictions, by_bin, history, edges, train_mean_age):
     }
 
 
-def rounded(metrics):
-    return {
-        key: {k: round(v, 6) for k, v in value.items()} if isinstance(value, dict) else value
-        for key, value in metrics.items()
-    }
-
-
 @stage("evaluate")
 def main(params, run):
     section = params["evaluate"]
@@ -134,20 +131,25 @@ def main(params, run):
         batches = image_dataset(test, CROP_IMAGES, size, section["batch_size"])
         outputs = predictor.outputs_of_batches(batches)
 
-    age = age_metrics(test["age"], outputs["age"], edges, cs_years)
+    age = age_metrics(test["age"], outputs["age"], edges, cs_years, outputs["age_range"])
+    age["range_level"] = section["age_range_level"]
     age["mean_baseline_mae"] = mean_age_baseline(test["age"], train["age"].mean())
     age.update(constant_age_baselines(test["age"], train["age"], edges, cs_years))
+    by_bin = per_age_bin(
+        test["age"], outputs["age"], edges, train["age"].mean(), outputs["age_range"]
+    )
+    ranges_by_bin = by_bin.set_index("bin")[["range_coverage", "range_mean_width"]]
     metrics = rounded(
         {
             "test_images": len(test),
             "test_skipped_no_landmarks": split_size - len(test),
             "gender": gender_metrics(test["gender"], outputs["gender"], train["gender"].mean()),
             "age": age,
+            "age_range_by_bin": ranges_by_bin.to_dict("index"),
             **({"pretrained_alone": alone} if alone else {}),
         }
     )
     predictions = predictions_table(test, outputs, edges)
-    by_bin = per_age_bin(test["age"], outputs["age"], edges, baseline_age=train["age"].mean())
     by_gender = per_gender(test["gender"], outputs["gender"], GENDERS)
     history = pd.read_csv(HISTORY) if HISTORY.exists() else pd.DataFrame()
     figures = write_figures(predictions, by_bin, history, edges, train["age"].mean())
