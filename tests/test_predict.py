@@ -105,6 +105,18 @@ def test_folder_reports_bad_files_goes_on_and_exits_1(setup, capsys, folder):
     assert err.splitlines()[-1] == "predict: 1 file(s) could not be read"
 
 
+def test_batches_of_any_size_answer_alike_and_quiet_names_only_unreadable_files(
+    setup, capsys, folder
+):
+    status, whole, err = predict(setup, capsys, folder, "--quiet")
+    assert status == 1 and err.splitlines() == [
+        f"{folder / 'broken.jpg'}: unreadable",
+        "predict: 1 file(s) could not be read",
+    ]
+    _, one_by_one, _ = predict(setup, capsys, folder, "--batch-size", "1")
+    assert whole == one_by_one and len(whole.splitlines()) == 2
+
+
 def test_a_photo_without_a_face_is_not_an_error(setup, capsys, folder):
     status, out, err = predict(setup, capsys, folder / "hopper.JPG", folder / "gray.png")
     assert status == 0 and len(out.splitlines()) == 1
@@ -194,7 +206,7 @@ def test_usage_error_exits_2(capsys):
 
 
 def test_the_api_batches_resizes_and_takes_any_photo(setup):
-    faces = find_faces(load_rgb(GRACE_HOPPER), margin=0.4, size=48)
+    (faces,) = find_faces([load_rgb(GRACE_HOPPER)], margin=0.4, size=48)
     assert len(faces) == 1 and faces[0].crop.size == (48, 48)
     predictor = Predictor.load(setup / "model.keras", setup / "params.yaml", batch_size=2)
     crops = [faces[0].crop, resize_whole(faces[0].crop, 32), Image.new("RGB", (20, 20))]
@@ -238,8 +250,10 @@ def test_crops_run_no_detector_and_answer_as_the_api(setup, sample_dir, tmp_path
         assert {key: record[key] for key in answer} == answer
 
 
-def test_command_line_entry_point(setup, tmp_path):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+def test_command_line_entry_point_writes_nothing_on_stderr(setup, tmp_path):
+    """As a user runs it: the answer with its age range on stdout, and on stderr nothing at all,
+    not even the lines TensorFlow's C++ logs when it loads."""
+    env = {key: value for key, value in os.environ.items() if key != "TF_CPP_MIN_LOG_LEVEL"}
     result = subprocess.run(
         [
             sys.executable,
@@ -259,3 +273,4 @@ def test_command_line_entry_point(setup, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     check_face(json.loads(result.stdout.strip()), 512, 600)
+    assert result.stderr == ""

@@ -6,6 +6,7 @@ import sys
 from importlib.metadata import PackageNotFoundError, version
 
 from agegender.apps import evaluate_labelled, predict, web
+from agegender.contracts.console import native_logs_hidden
 
 COMMANDS = {"predict": predict, "serve": web, "evaluate": evaluate_labelled}
 
@@ -36,7 +37,8 @@ def build_parser():
 
 def main(argv=None):
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    with native_logs_hidden():
+        return args.run(args)
 
 
 if __name__ == "__main__":

@@ -2,15 +2,19 @@
 
     agegender predict PHOTO_OR_FOLDER [...] [--crops [--crop-margin M]]
         [--model models/model.keras] [--params params.yaml] [--weights data/weights]
-        [--format jsonl|csv] [--annotate DIR] [--batch-size 32]
+        [--format jsonl|csv] [--annotate DIR] [--batch-size 32] [--quiet]
 
-Photos: faces are found with MTCNN and cropped as the crop stage crops them. `--crops`: each
+Photos: faces are found with MTCNN and cropped as the crop stage crops them; `--batch-size`
+photos at a time, those of one size detected in one call and all their faces answered together,
+while the next batch is decoded. `--crops`: each
 image is one face already cut (the dataset's *_crop images, data/crops, another detector's
 output); no detector runs, and the image is re-framed to the training crops' margin and size.
 One line per face goes to stdout (JSON lines, or CSV with a header); a file that cannot be used
 is named on stderr with its reason (missing, unreadable, too_large, no_face, no_landmarks) and
-the run goes on. Exit status: 0 when every file could be read and a face was predicted, 1 when
-a file was missing or unreadable or no face was predicted, 2 for a usage error.
+the run goes on. Nothing else goes to stderr but a progress bar, on a terminal, for work that
+takes more than two seconds (`--quiet`: no bar, and only unreadable files are named). Exit
+status: 0 when every file could be read and a face was predicted, 1 when a file was missing or
+unreadable or no face was predicted, 2 for a usage error.
 
 The Python API behind it is `agegender.inference.predictor.Predictor`.
 """
@@ -150,7 +154,16 @@ def add_arguments(parser):
         "--annotate", type=Path, metavar="DIR", help="write each image with boxes and labels"
     )
     parser.add_argument(
-        "--batch-size", type=positive, default=32, help="faces per model call (default 32)"
+        "--batch-size",
+        type=positive,
+        default=32,
+        help="photos (or crops) read, detected and answered together (default 32)",
+    )
+    parser.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar and no notes on photos without a face or landmarks; files that "
+        "can't be read are still named",
     )
 
 
@@ -161,16 +174,18 @@ def positive(text):
     return value
 
 
-def photo_answers(predictor, image, file, report):
-    """Every face of a photo; faces without dlib landmarks are reported and left out."""
-    found = predictor.detect(image)
-    if not found:
-        report(file, "no_face")
-    answers = predictor.face_answers(found)
-    for index, answer in enumerate(answers):
-        if answer is None:
-            report(f"{file} face {index}", "no_landmarks")
-    return [answer for answer in answers if answer]
+def photo_answers(predictor, images, files, report):
+    """The answer list of each photo, all photos of the batch detected and answered together;
+    a photo without a face and a face without dlib landmarks are reported and left out."""
+    results = []
+    for file, answers in zip(files, predictor.photo_answers(images)):
+        if not answers:
+            report(file, "no_face")
+        for index, answer in enumerate(answers):
+            if answer is None:
+                report(f"{file} face {index}", "no_landmarks")
+        results.append([answer for answer in answers if answer])
+    return results
 
 
 def crop_answers(predictor, images, files, margin, report):
@@ -188,6 +203,32 @@ def crop_answers(predictor, images, files, margin, report):
     return results
 
 
+def decoded(file):
+    """(image, None) or (None, the reason it can't be used)."""
+    try:
+        return as_photo(file), None
+    except ImageSkip as skip:
+        return None, skip.reason
+
+
+def batches_read_ahead(files, size):
+    """The files in batches of `size`, each with its decoded images; the next batch is decoded
+    on another core while the networks work on this one."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def read(batch):
+        return [decoded(file) for file, _ in batch]
+
+    batches = [files[at : at + size] for at in range(0, len(files), size)]
+    with ThreadPoolExecutor(1) as pool:
+        upcoming = pool.submit(read, batches[0]) if batches else None
+        for index, batch in enumerate(batches):
+            images = upcoming.result()
+            if index + 1 < len(batches):
+                upcoming = pool.submit(read, batches[index + 1])
+            yield batch, images
+
+
 @exits_cleanly
 def run(args):
     predictor = predictor_of_options(args, args.batch_size)
@@ -196,13 +237,20 @@ def run(args):
 
     from tqdm import tqdm
 
-    show_bar = any(Path(p).is_dir() for p in args.paths) and sys.stderr.isatty()
-    progress = tqdm(files, desc="predict", unit="image", file=sys.stderr, disable=not show_bar)
+    progress = tqdm(
+        total=len(files),
+        desc="predict",
+        unit="image",
+        file=sys.stderr,
+        delay=2,  # only work that takes a while shows a bar
+        disable=args.quiet or not sys.stderr.isatty(),
+    )
     counts = {"faces": 0, "unreadable": 0}
 
     def report(file, reason):
         counts["unreadable"] += reason in UNREADABLE
-        progress.write(f"{file}: {reason}", file=sys.stderr)
+        if not args.quiet or reason in UNREADABLE:
+            progress.write(f"{file}: {reason}", file=sys.stderr)
 
     def emit(file, name, image, answers):
         for answer in answers:
@@ -214,32 +262,23 @@ def run(args):
             except (OSError, ValueError, KeyError) as error:
                 report(file, f"annotate_failed ({error})")
 
-    pending = []  # (file, name, image) of --crops, waiting for a batch to fill
-
-    def flush():
-        if pending:
-            files_, _, images = zip(*pending)
-            answers = crop_answers(predictor, images, files_, args.crop_margin, report)
-            for (file, name, image), answer in zip(pending, answers):
-                emit(file, name, image, answer)
-        pending.clear()
-
-    for file, name in progress:
-        if name is None:
-            report(file, "no_images")
-            continue
-        try:
-            image = as_photo(file)
-        except ImageSkip as skip:
-            report(file, skip.reason)
-            continue
-        if args.crops:
-            pending.append((file, name, image))
-            if len(pending) == args.batch_size:
-                flush()
-        else:
-            emit(file, name, image, photo_answers(predictor, image, file, report))
-    flush()
+    for batch, decoded_images in batches_read_ahead(files, args.batch_size):
+        usable = []
+        for (file, name), (image, reason) in zip(batch, decoded_images):
+            if name is None:
+                report(file, "no_images")
+            elif reason:
+                report(file, reason)
+            else:
+                usable.append((file, name, image))
+        if usable:
+            used_files, names, images = zip(*usable)
+            answer = crop_answers if args.crops else photo_answers
+            margin = (args.crop_margin,) if args.crops else ()
+            results = answer(predictor, images, used_files, *margin, report)
+            for file, name, image, answers in zip(used_files, names, images, results):
+                emit(file, name, image, answers)
+        progress.update(len(batch))
     progress.close()
     return exit_status(counts, len(files))
 

@@ -64,15 +64,23 @@ class Face:
     crop: object
 
 
-def find_faces(image, margin, size, min_face_size=20):
-    """Every face in an RGB PIL image, most confident first, cropped as the crop stage crops it."""
-    from agegender.facedata.face_detector import detect_faces  # loads MTCNN only when asked
+def find_faces(images, margin, size, min_face_size=20):
+    """Every face in each RGB PIL image, most confident first, cropped as the crop stage crops
+    it: one list of `Face` per image (MTCNN takes photos of one size together)."""
+    from agegender.facedata.face_detector import detect_faces_in_photos  # loads MTCNN if asked
 
-    faces = []
-    for box, confidence in detect_faces(image, min_face_size=min_face_size):
-        crop = crop_face(image, grow_box(box, margin), size)
-        faces.append(Face(clip_box(box, *image.size), round(confidence, 4), crop))
-    return faces
+    detections = detect_faces_in_photos(images, min_face_size=min_face_size)
+    return [
+        [
+            Face(
+                clip_box(box, *image.size),
+                round(confidence, 4),
+                crop_face(image, grow_box(box, margin), size),
+            )
+            for box, confidence in found
+        ]
+        for image, found in zip(images, detections)
+    ]
 
 
 def clip_box(box, width, height):
@@ -192,15 +200,24 @@ class Predictor:
         """The faces MTCNN finds in a photo (PIL image, RGB array or path), most confident first:
         one dict each with `face`, `box`, `confidence` and the answer fields; a face whose
         answer can't be had (no dlib landmarks) is left out."""
-        return [answer for answer in self.face_answers(self.detect(photo, min_face_size)) if answer]
+        (answers,) = self.photo_answers([as_photo(photo)], min_face_size)
+        return [answer for answer in answers if answer]
 
-    def detect(self, photo, min_face_size=20):
-        """The faces MTCNN finds (`Face`: box, confidence, crop framed as the training crops)."""
-        return find_faces(as_photo(photo), self.face_margin, self.size, min_face_size)
+    def photo_answers(self, images, min_face_size=20):
+        """For many RGB PIL photos at once (detection batched by size, the network in batches
+        across photos): per photo, an answer dict per face found, None where it had no dlib
+        landmarks."""
+        found = self.detect(images, min_face_size)
+        answers = iter(self.answers([face.crop for faces in found for face in faces]))
+        return [self.face_answers(faces, [next(answers) for _ in faces]) for faces in found]
 
-    def face_answers(self, found):
-        """An answer dict per detected face, or None where it had no dlib landmarks."""
-        answers = self.answers([face.crop for face in found])
+    def detect(self, images, min_face_size=20):
+        """The faces MTCNN finds in each photo (`Face`: box, confidence, crop framed as the
+        training crops)."""
+        return find_faces(images, self.face_margin, self.size, min_face_size)
+
+    def face_answers(self, found, answers):
+        """An answer dict per detected face of one photo, or None where it had no landmarks."""
         return [
             answer
             and {"face": index, "box": list(face.box), "confidence": face.confidence, **answer}
