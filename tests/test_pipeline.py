@@ -51,11 +51,12 @@ STAGES = (
     "split",
     "features",
     "train",
+    "calibrate",
     "evaluate_external",
     "evaluate",
     "export",
 )
-AFTER_TRAINING = ["evaluate", "evaluate_external", "export", "train"]
+AFTER_TRAINING = ["calibrate", "evaluate", "evaluate_external", "export", "train"]
 
 
 def mlflow_runs(repo):
@@ -97,6 +98,8 @@ def check_predict_on_crops_agrees_with_evaluate(repo, env, count=40):
         assert answer["most_likely_age_bin"] == row["age_bin_pred"]
         assert abs(float(answer["gender_prob"]) - float(row["gender_confidence"])) <= 1.01e-5
         assert abs(float(answer["age"]) - float(row["age_pred"])) <= 1.01e-5
+        for end in ("low", "high"):
+            assert answer[f"age_range_{end}"] == row[f"age_range_{end}"]
 
 
 def check_the_readmes_python_example_runs(repo, env):
@@ -130,6 +133,9 @@ def test_repro_rerun_experiment_and_mlflow(repo, cydral_models):
     assert evaluation["age"]["mae"] > 0
     test_images = json.loads((repo / "metrics/split.json").read_text())["test"]["images"]
     assert evaluation["test_images"] + evaluation["test_skipped_no_landmarks"] == test_images
+    calibration = json.loads((repo / "metrics/calibrate.json").read_text())
+    assert calibration["level"] == 0.9 and calibration["val_coverage"] >= 0.9
+    assert 0 < evaluation["age"]["range_coverage"] <= 1 and evaluation["age"]["range_level"] == 0.9
     features = json.loads((repo / "metrics/features.json").read_text())
     assert features["feature_size"] == 128 + 256 and sum(features["no_landmarks"].values()) <= 3
     assert json.loads((repo / "metrics/external.json").read_text()) == {"sets": {}}
@@ -150,7 +156,7 @@ def test_repro_rerun_experiment_and_mlflow(repo, cydral_models):
     # another pull of the adapted age layer toward Cydral's weights: the heads train again
     experiment = run(["dvc", "exp", "run", "-S", "train.age_pull=0.1", "-n", "pull"], repo, env)
     ran = [stage for stage in STAGES if f"Running stage '{stage}'" in experiment]
-    assert ran == ["train", "evaluate_external", "evaluate", "export"]
+    assert ran == ["train", "calibrate", "evaluate_external", "evaluate", "export"]
     assert "pull" in run(["dvc", "exp", "show", "--csv"], repo, env)
     pulled = json.loads((repo / "metrics/train.json").read_text())
     assert pulled["epochs_run"] == 1 and pulled["val_age_mae"] > 0
