@@ -227,7 +227,7 @@ def external_section(metrics_by_set, figure_links):
             "add an entry to `external.sets` in params.yaml, e.g. "
             "`{name: utkface, format: utkface, path: ../shared/data/utkface/images}`, "
             "and run `dvc repro evaluate_external` "
-            "(README: External evaluation).\n"
+            "(docs/external-evaluation.md).\n"
         )
     lines = []
     for name, metrics in metrics_by_set.items():

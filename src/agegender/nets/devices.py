@@ -100,8 +100,8 @@ def refuse_several_processes():
     if workers > 1 or process_count() > 1:
         raise PipelineError(
             "several processes train together under the JAX backend only: set KERAS_BACKEND=jax "
-            f"and {ADDRESSES}, {PROCESSES} and {PROCESS_ID} on each (README: Many GPUs, many "
-            "machines), and unset TF_CONFIG."
+            f"and {ADDRESSES}, {PROCESSES} and {PROCESS_ID} on each (docs/many-machines.md), "
+            "and unset TF_CONFIG."
         )
 
 
