@@ -1,6 +1,7 @@
-"""The local web page: a real headless Chromium uploads a real photo (Grace Hopper, shipped with
-matplotlib) to the server running a tiny untrained model, and plain HTTP requests check that bad
-uploads and unknown routes are refused clearly and that nothing is written to disk."""
+"""The local web page and API: a real headless Chromium uploads a real photo (Grace Hopper,
+shipped with matplotlib) to the server (uvicorn, on a thread) running a tiny untrained model, and
+plain HTTP requests check the API's answers and its description, that bad uploads and unknown
+routes are refused clearly, and that nothing is written to disk."""
 
 import base64
 import http.client
@@ -10,15 +11,16 @@ import os
 import re
 import shutil
 import sys
-import threading
 from pathlib import Path
+from types import SimpleNamespace
+from urllib.parse import urlsplit
 
 import matplotlib
 import pytest
 from PIL import Image
 
 from agegender.apps.cli import main as agegender
-from agegender.apps.web import Handler, WebServer
+from agegender.apps.web import create_app, serving
 from agegender.contracts.labels import bin_labels
 
 GRACE_HOPPER = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
@@ -34,17 +36,22 @@ def setup(tiny_image_model):
 
 
 @pytest.fixture(scope="module")
-def server(setup):
+def predictor(setup):
     from agegender.inference.predictor import Predictor
 
-    predictor = Predictor.load(setup / "model.keras", params=setup / "params.yaml")
-    web = WebServer(predictor, "127.0.0.1", 0, max_upload_bytes=LIMIT)
-    thread = threading.Thread(target=web.serve_forever, daemon=True)
-    thread.start()
-    yield web
-    web.shutdown()
-    web.server_close()
-    thread.join(5)
+    return Predictor.load(setup / "model.keras", params=setup / "params.yaml")
+
+
+def at(url):
+    """The served app as its `url` and (host, port) `address`."""
+    parts = urlsplit(url)
+    return SimpleNamespace(url=url, address=(parts.hostname, parts.port))
+
+
+@pytest.fixture(scope="module")
+def server(predictor, setup):
+    with serving(create_app(predictor, LIMIT, model_path=setup / "model.keras")) as url:
+        yield at(url)
 
 
 class Writes:
@@ -87,7 +94,7 @@ def no_writes(writes, tmp_path, monkeypatch):
 
 def request(server, method, path, body=None, headers=None):
     """status, headers, parsed JSON (or text) of one raw request, the path sent as given."""
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    connection = http.client.HTTPConnection(*server.address, timeout=30)
     try:
         connection.request(method, path, body=body, headers=headers or {})
         response = connection.getresponse()
@@ -105,6 +112,8 @@ def check_face(face, width=512, height=600):
     assert 150 < (x1 + x2) / 2 < 380 and 100 < (y1 + y2) / 2 < 340
     assert face["gender"] in ("male", "female") and 0.5 <= face["gender_prob"] <= 1
     assert 0 <= face["age"] <= 100 and face["age_bin"] in bin_labels(BINS)
+    low, high = face["age_range"]
+    assert low <= face["age"] <= high
 
 
 def test_post_a_photo_answers_its_face(server, no_writes):
@@ -143,12 +152,51 @@ def test_a_text_file_is_refused_saying_what_is_accepted(server, no_writes):
     assert status == 400 and "empty" in answer["error"]
 
 
-def test_a_multipart_form_is_told_to_send_the_bytes(server, no_writes):
-    form = b"--x\r\nContent-Disposition: form-data; name=photo\r\n\r\n...\r\n--x--\r\n"
-    status, _, answer = request(
-        server, "POST", "/predict", form, {"Content-Type": "multipart/form-data; boundary=x"}
+def form(*fields, boundary="photo-form"):
+    """A multipart form of (name, filename or None, content type or None, bytes) fields."""
+    body = b""
+    for name, filename, kind, data in fields:
+        disposition = f'form-data; name="{name}"' + (f'; filename="{filename}"' if filename else "")
+        body += f"--{boundary}\r\nContent-Disposition: {disposition}\r\n".encode()
+        body += f"Content-Type: {kind}\r\n".encode() if kind else b""
+        body += b"\r\n" + data + b"\r\n"
+    body += f"--{boundary}--\r\n".encode()
+    return body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+def test_a_multipart_form_answers_as_the_bytes_do(server, no_writes):
+    photo = GRACE_HOPPER.read_bytes()
+    _, _, raw = request(server, "POST", "/predict", photo, {"Content-Type": "image/jpeg"})
+    as_file = form(("file", "grace_hopper.jpg", "image/jpeg", photo))
+    status, _, answer = request(server, "POST", "/predict", *as_file)
+    assert status == 200 and answer == raw
+    # the form's only field, whatever its name, beside none named `file`
+    status, _, answer = request(server, "POST", "/predict", *form(("photo", "a.jpg", None, photo)))
+    assert status == 200 and answer == raw
+
+
+def test_a_multipart_form_without_a_photo_is_refused(server, no_writes):
+    status, _, answer = request(server, "POST", "/predict", *form(("photo", None, None, b"...")))
+    assert (
+        status == 415
+        and "3 bytes of no Content-Type in the form's field 'photo'" in (answer["error"])
     )
-    assert status == 415 and "not a multipart form" in answer["error"]
+    two = form(("name", None, None, b"me"), ("photo", "a.txt", "text/plain", b"hello"))
+    status, _, answer = request(server, "POST", "/predict", *two)
+    assert status == 400 and "['name', 'photo']" in answer["error"]
+    assert "the field `file`" in answer["error"]
+    status, _, answer = request(server, "POST", "/predict", *form())
+    assert status == 400 and "fields []" in answer["error"]
+    headers = {"Content-Type": "multipart/form-data"}
+    status, _, answer = request(server, "POST", "/predict", b"--x\r\n", headers)
+    assert status == 400 and "no boundary" in answer["error"]
+
+
+def test_a_truncated_jpeg_is_refused(server, no_writes):
+    photo = GRACE_HOPPER.read_bytes()
+    half = photo[: len(photo) // 2]
+    status, _, answer = request(server, "POST", "/predict", half, {"Content-Type": "image/jpeg"})
+    assert status == 415 and f"{len(half)} bytes of image/jpeg" in answer["error"]
 
 
 def test_a_decompression_bomb_is_refused(server, no_writes):
@@ -162,7 +210,7 @@ def test_an_oversized_upload_is_refused_before_it_is_read(server, no_writes):
     status, _, answer = request(server, "POST", "/predict", b"\0" * (LIMIT + 1))
     assert status == 413 and "at most 2 MB" in answer["error"]
     # a huge declared length is refused at once, without waiting for the bytes
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    connection = http.client.HTTPConnection(*server.address, timeout=10)
     connection.putrequest("POST", "/predict")
     connection.putheader("Content-Length", str(50 * 2**30))
     connection.endheaders(b"\xff\xd8" * 100)
@@ -171,19 +219,20 @@ def test_an_oversized_upload_is_refused_before_it_is_read(server, no_writes):
     connection.close()
 
 
-def test_a_stalled_upload_times_out(server, no_writes, monkeypatch):
-    monkeypatch.setattr(Handler, "timeout", 0.5)
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
-    connection.putrequest("POST", "/predict")
-    connection.putheader("Content-Length", "1000")
-    connection.endheaders(b"\xff\xd8" * 5)
-    response = connection.getresponse()
-    assert response.status == 408 and "stalled" in json.loads(response.read())["error"]
-    connection.close()
+def test_a_stalled_upload_times_out(predictor, no_writes):
+    with serving(create_app(predictor, LIMIT, read_timeout=0.5)) as url:
+        connection = http.client.HTTPConnection(*at(url).address, timeout=10)
+        connection.putrequest("POST", "/predict")
+        connection.putheader("Content-Length", "1000")
+        connection.endheaders(b"\xff\xd8" * 5)
+        response = connection.getresponse()
+        error = json.loads(response.read())["error"]
+        assert response.status == 408 and "stalled: nothing came for 0.5 s" in error
+        connection.close()
 
 
 def test_uploads_need_a_length(server, no_writes):
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=10)
+    connection = http.client.HTTPConnection(*server.address, timeout=10)
     connection.putrequest("POST", "/predict")
     connection.endheaders()
     response = connection.getresponse()
@@ -225,6 +274,63 @@ def test_wrong_methods_are_not_allowed(server, no_writes):
     for method in ("POST", "PUT", "DELETE"):
         status, response, answer = request(server, method, "/", b"x")
         assert status == 405 and response.getheader("Allow") == "GET, HEAD", method
+    status, response, answer = request(server, "PATCH", "/predict", b"x")
+    assert status == 405 and response.getheader("Allow") == "POST"
+    assert answer == {"error": "/predict takes POST only, not PATCH"}
+
+
+def test_health_says_which_model_answers(server, setup, no_writes):
+    status, _, answer = request(server, "GET", "/health")
+    assert status == 200
+    assert answer == {
+        "status": "ok",
+        "model": str(setup / "model.keras"),
+        "input": "image",
+        "age_range_level": 0.9,
+    }
+
+
+def test_the_api_is_described(server, no_writes):
+    status, response, page = request(server, "GET", "/docs")
+    assert status == 200 and b"swagger" in page.lower()
+    assert response.getheader("Content-Security-Policy") is None  # the page's own applies to /
+    status, _, spec = request(server, "GET", "/openapi.json")
+    assert status == 200 and set(spec["paths"]) == {"/predict", "/health"}
+    post = spec["paths"]["/predict"]["post"]
+    assert set(post["requestBody"]["content"]) == {"image/*", "multipart/form-data"}
+    assert post["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/PredictResponse"
+    }
+    for refusal in ("400", "408", "411", "413", "415"):
+        schema = post["responses"][refusal]["content"]["application/json"]["schema"]
+        assert schema == {"$ref": "#/components/schemas/ErrorResponse"}, refusal
+    face = spec["components"]["schemas"]["FaceAnswer"]
+    assert (
+        "age_range" in face["required"]
+        and "calibrated" in face["properties"]["age_range"]["description"]
+    )
+    assert face["properties"]["gender"]["enum"] == ["male", "female"]
+
+
+def test_every_refusal_leaves_the_server_answering(server, no_writes):
+    photo = GRACE_HOPPER.read_bytes()
+    bad = [
+        ("POST", "/predict", b"", {}),
+        ("POST", "/predict", b"plain words", {"Content-Type": "text/plain"}),
+        ("POST", "/predict", photo[: len(photo) // 2], {"Content-Type": "image/jpeg"}),
+        ("POST", "/predict", b"\0" * (LIMIT + 1), {}),
+        ("POST", "/predict", iter([b"abc"]), {"Transfer-Encoding": "chunked"}),
+        ("POST", "/predict", *form(("a", None, None, b"1"), ("b", None, None, b"2"))),
+        ("PATCH", "/predict", b"x", {}),
+        ("GET", "/predict", None, {}),
+        ("DELETE", "/", None, {}),
+        ("GET", "/nothing", None, {}),
+    ]
+    for method, path, body, headers in bad:
+        status, _, answer = request(server, method, path, body, headers)
+        assert 400 <= status < 500 and answer["error"], (method, path, status)
+    status, _, answer = request(server, "POST", "/predict", photo, {"Content-Type": "image/jpeg"})
+    assert status == 200 and len(answer["faces"]) == 1
 
 
 def test_a_missing_model_exits_with_one_paragraph(setup, tmp_path, capsys):
@@ -239,7 +345,7 @@ def test_a_missing_model_exits_with_one_paragraph(setup, tmp_path, capsys):
 def test_a_busy_port_exits_with_one_paragraph(setup, server, capsys):
     args = ["--model", str(setup / "model.keras"), "--params", str(setup / "params.yaml")]
     with pytest.raises(SystemExit) as exit_:
-        agegender(["serve", *args, "--port", str(server.server_address[1])])
+        agegender(["serve", *args, "--port", str(server.address[1])])
     assert exit_.value.code == 1
     assert "is in use" in capsys.readouterr().err
 
