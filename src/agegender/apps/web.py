@@ -378,6 +378,9 @@ def serving(app, host="127.0.0.1", port=0):
     thread.start()
     while not server.started and thread.is_alive():
         time.sleep(0.01)
+    if not server.started:
+        sock.close()
+        raise RuntimeError("uvicorn stopped before it started: see its log above")
     try:
         yield url_of(sock)
     finally:
