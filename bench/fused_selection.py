@@ -1,16 +1,18 @@
-"""Choosing the fused model's age settings on validation only (issue 21).
+"""Choosing the fused model's design and age settings on validation only (issue 21).
 
-For each `train.age_pull` x `train.age_balance` of the grid, `dvc exp run train` trains the
-default (fused) model, then its answers on the val split's crops are scored: the MAE, and the
+For each `model.backbone` x `train.age_pull` x `train.age_balance` of the grid, `dvc exp run
+train` trains the model, then its answers on the val split's crops are scored: the MAE, the
 MAE averaged over the decades of true age val holds (every age weighs the same, as a user's
-faces are not wiki's mix). The choice is the lowest decade-averaged val MAE; test and UTKFace
-are not read here. The workspace is restored at the end (params.yaml, dvc.lock, metrics and
-the model: `dvc checkout`).
+faces are not wiki's mix) and the gender accuracy. The age choice is the lowest
+decade-averaged val MAE; test and UTKFace are not read here. The workspace is restored at the
+end (params.yaml, dvc.lock, metrics and the model: `dvc checkout`).
 
     python bench/fused_selection.py [--pulls 0 0.001 0.01 0.1 1] [--balances 0 0.5 1]
+        [--backbones dlib_resnet+cydral_age dlib_resnet+cydral_age+cydral_gender]
 """
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -45,30 +47,34 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pulls", type=float, nargs="+", default=[0, 0.001, 0.01, 0.1, 1])
     parser.add_argument("--balances", type=float, nargs="+", default=[0, 0.5, 1])
+    parser.add_argument("--backbones", nargs="+", default=[None], help="default: params.yaml's")
     args = parser.parse_args()
     os.chdir(REPO)
     rows = []
     try:
-        for pull in args.pulls:
-            for balance in args.balances:
-                command = ["dvc", "exp", "run", "train", "-S", f"train.age_pull={pull}"]
-                command += ["-S", f"train.age_balance={balance}"]
-                subprocess.run(command, check=True, capture_output=True)
-                train = json.loads(Path("metrics/train.json").read_text())
-                mae, decade_mae, gender = val_figures()
-                rows.append((pull, balance, mae, decade_mae, gender, train["epochs_run"]))
-                print(f"pull {pull} balance {balance}: val MAE {mae:.3f}, by decade "
-                      f"{decade_mae:.3f}, gender {gender:.3f}", file=sys.stderr)  # fmt: skip
+        for backbone, pull, balance in itertools.product(args.backbones, args.pulls, args.balances):
+            command = ["dvc", "exp", "run", "train", "-S", f"train.age_pull={pull}"]
+            command += ["-S", f"train.age_balance={balance}"]
+            command += ["-S", f"model.backbone={backbone}"] if backbone else []
+            subprocess.run(command, check=True, capture_output=True)
+            train = json.loads(Path("metrics/train.json").read_text())
+            mae, decade_mae, gender = val_figures()
+            name = backbone or "(params.yaml)"
+            rows.append((name, pull, balance, mae, decade_mae, gender, train["epochs_run"]))
+            print(f"{name} pull {pull} balance {balance}: val MAE {mae:.3f}, by decade "
+                  f"{decade_mae:.3f}, gender {gender:.3f}", file=sys.stderr)  # fmt: skip
     finally:
         subprocess.run(["git", "checkout", "params.yaml", "dvc.lock", "metrics/"], check=True)
         subprocess.run(["dvc", "checkout", "-q"], check=False)
-    print("| age_pull | age_balance | val MAE | val MAE by decade | val gender | epochs |")
-    print("| --- | --- | --- | --- | --- | --- |")
-    best = min(rows, key=lambda row: row[3])
+    print(
+        "| backbone | age_pull | age_balance | val MAE | val MAE by decade | val gender | epochs |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
+    best = min(rows, key=lambda row: row[4])
     for row in rows:
-        mark = " (chosen)" if row is best else ""
-        print(f"| {row[0]}{mark} | {row[1]} | {row[2]:.3f} | {row[3]:.3f} | {row[4]:.3f} | "
-              f"{row[5]} |")  # fmt: skip
+        mark = " (lowest by decade)" if row is best else ""
+        print(f"| {row[0]} | {row[1]}{mark} | {row[2]} | {row[3]:.3f} | {row[4]:.3f} | "
+              f"{row[5]:.3f} | {row[6]} |")  # fmt: skip
 
 
 if __name__ == "__main__":

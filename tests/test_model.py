@@ -397,6 +397,34 @@ def test_the_fused_model_starts_as_cydrals_age_network_and_saves(
         np.testing.assert_allclose(loaded[task], answers[task], atol=1e-5)
 
 
+def test_with_cydral_gender_the_gender_head_reads_both_networks(
+    face_models, cydral_models, face_chips
+):
+    """dlib_resnet+cydral_age+cydral_gender caches the face descriptor, then Cydral's gender
+    network's 16 features on its 32 px chip, then the age network's 256; the gender head reads
+    the first two, the age layer the last."""
+    from agegender.facedata.face_chips import MODEL_FILES
+    from agegender.nets.cydral_networks import cydral_network
+    from agegender.nets.model import age_chip
+
+    both = build_networks(
+        SIZE,
+        backbone="dlib_resnet+cydral_age+cydral_gender",
+        weights_file=face_models / MODEL_FILES["descriptor"][0],
+        age_network_file=cydral_models / "age-v1.onnx",
+        gender_network_file=cydral_models / "gender-v1.onnx",
+        head_units=HEAD,
+    )
+    features = np.asarray(both.feature_extractor(face_chips))
+    assert features.shape == (6, 128 + 16 + 256)
+    chips_in = keras.Input((150, 150, 3))
+    gender_chips = keras.Model(chips_in, age_chip(chips_in, "gender"))(face_chips)
+    gender_network = cydral_network(cydral_models / "gender-v1.onnx", output="features")
+    np.testing.assert_allclose(features[:, 128:144], gender_network(gender_chips), atol=1e-4)
+    assert both.head_model.get_layer("gender_dense1").kernel.shape == (144, HEAD[0])
+    assert both.head_model.get_layer("age").kernel.shape == (256, 101)
+
+
 def test_the_cut_age_chip_is_the_one_dlib_cuts(face_chips, sample_dir, face_models):
     """The 64 px chip at padding 0.2 taken from the 150 px chip at padding 0.25 lands on dlib's
     own to within the blur of a second resampling (a shift of one pixel costs 3 times more)."""

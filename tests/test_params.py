@@ -299,11 +299,15 @@ def test_train_value_ranges(write_params, key, value, message):
         (lambda p: p["train"].update(finetune_lr=0), r"'train\.finetune_lr' must be above 0"),
         (
             lambda p: p["model"].update(backbone="vgg19"),
-            r"'model\.backbone' must be one of dlib_resnet, dlib_resnet\+cydral_age, vgg16, ",
+            r"'model\.backbone' must be one of dlib_resnet, dlib_resnet\+cydral_age, dlib_resnet\+"
+            r"cydral_age\+cydral_gender, vgg16, ",
         ),
         (
-            lambda p: p["model"].update(backbone="dlib_resnet+cydral_age", cydral_models="none"),
-            r"'model\.cydral_models' is none, but model\.backbone dlib_resnet\+cydral_age adapts",
+            lambda p: p["model"].update(
+                backbone="dlib_resnet+cydral_age+cydral_gender", cydral_models="none"
+            ),
+            r"'model\.cydral_models' is none, but model\.backbone dlib_resnet\+cydral_age\+cydral_"
+            r"gender reads Cydral's networks",
         ),
         (
             lambda p: (

@@ -167,7 +167,7 @@ def test_repro_rerun_experiment_and_mlflow(repo, cydral_models):
     executions = [sorted(STAGES), sorted(STAGES), AFTER_TRAINING]
     assert sorted(map(sorted, children.values())) == sorted(executions)
     for parent in parents.values():  # the runs table compares executions at a glance
-        assert parent.data.params["model.backbone"] == "dlib_resnet+cydral_age"
+        assert parent.data.params["model.backbone"] == "dlib_resnet+cydral_age+cydral_gender"
         assert parent.data.params["train.epochs"] == "1"
         assert 0 <= parent.data.metrics["test.gender.accuracy"] <= 1
     tagged = [

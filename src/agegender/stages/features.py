@@ -20,10 +20,10 @@ import numpy as np
 
 from agegender.contracts.files import read_csv
 from agegender.contracts.layout import CROP_IMAGES, FEATURES, WEIGHTS, split_table
-from agegender.contracts.params import FACE_BACKBONES, FUSED_BACKBONE
+from agegender.contracts.params import FACE_BACKBONES
 from agegender.contracts.stage import stage
 from agegender.facedata.input_pipeline import image_dataset
-from agegender.nets.cydral_networks import AGE_NETWORK_FILE
+from agegender.nets.cydral_networks import network_files
 from agegender.nets.feature_cache import keep_rows, write_features, write_manifest
 from agegender.nets.model import build_networks
 from agegender.nets.training import base_weights, network_settings
@@ -93,15 +93,13 @@ def face_features(params, versions):
     )
 
     check_model_files(WEIGHTS)
-    fused = params["model"]["backbone"] == FUSED_BACKBONE
-    if fused:
-        # train rebuilds the age network from the cache's own copy
+    cydral = network_files(WEIGHTS, params["model"]["backbone"])
+    for path in filter(None, cydral.values()):
+        # train rebuilds Cydral's networks from the cache's own copies
         FEATURES.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(WEIGHTS / AGE_NETWORK_FILE, FEATURES / AGE_NETWORK_FILE)
+        shutil.copyfile(path, FEATURES / path.name)
     networks = build_networks(
-        **network_settings(params),
-        weights_file=WEIGHTS / MODEL_FILES["descriptor"][0],
-        age_network_file=WEIGHTS / AGE_NETWORK_FILE if fused else None,
+        **network_settings(params), weights_file=WEIGHTS / MODEL_FILES["descriptor"][0], **cydral
     )
     network, shape = networks.feature_extractor, tuple(networks.feature_extractor.output.shape[1:])
     margin = crop_face_margin(params["crop"])

@@ -28,7 +28,7 @@ from agegender.contracts.stage import stage
 from agegender.facedata.face_chips import CHIP_SIZE, chip_batches, crop_face_margin
 from agegender.facedata.input_pipeline import image_dataset
 from agegender.nets import devices
-from agegender.nets.cydral_networks import AGE_NETWORK_FILE
+from agegender.nets.cydral_networks import network_files
 from agegender.nets.data_parallel import local_batches, validation_copies
 from agegender.nets.feature_cache import (
     EpochSync,
@@ -152,7 +152,7 @@ def main(params, run):
     )
     with setup["strategy"].scope():
         networks = build_networks(
-            **network_settings(params), age_network_file=FEATURES / AGE_NETWORK_FILE
+            **network_settings(params), **network_files(FEATURES, params["model"]["backbone"])
         )
         if networks.base is not None:
             networks.base.load_weights(FEATURES / "base.weights.h5")
