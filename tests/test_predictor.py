@@ -1,6 +1,7 @@
 """The inference core: image and chip models, real faces, faces without landmarks, clear errors."""
 
 import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,6 +15,7 @@ from agegender.inference.predictor import (
     Predictor,
     as_photo,
     crop_box,
+    find_faces,
     open_model,
     readable,
     takes_chips,
@@ -148,6 +150,29 @@ def test_crops_are_reframed_to_the_training_crops(crops):
     direct = predictor.framed(crops[0].resize((100, 100)), 0.4)
     assert np.abs(np.asarray(reframed, float) - np.asarray(direct, float)).mean() < 4
     assert crop_box(wide, margin) == (37, 37, 93, 93)
+
+
+def test_a_chip_model_frames_sharp_faces_at_the_cutters_size(chip_model, face_models):
+    """A chip model frames a photo's face at the cutter's working size (256 px), so the chip is
+    cut after one resampling: it keeps detail that a frame of crop.size (64 here) would blur.
+    A pixel model frames at crop.size."""
+    import matplotlib
+
+    path = Path(matplotlib.get_data_path()) / "sample_data" / "grace_hopper.jpg"
+    photo = Image.open(path).convert("RGB")
+    (small,) = find_faces([photo], margin=0.4, size=64)
+    cutter = ChipCutter(face_models, 0.4)
+    predictor = Predictor(open_model(chip_model), cutter, size=64)
+    assert predictor.crop_size == 256
+    (found,) = predictor.detect([photo])
+    assert found[0].crop.size == (256, 256)
+
+    def detail(image):
+        return np.abs(np.diff(np.asarray(cutter.chip(image), float), axis=1)).mean()
+
+    assert detail(found[0].crop) > 1.3 * detail(small[0].crop)
+    pixels = build_networks(32, head_units=(8,), trainable_layers=0).image_model
+    assert Predictor(pixels, cutter, size=32).framed(found[0].crop).size == (32, 32)
 
 
 def test_the_pretrained_networks_alone_read_the_fused_models_chips(

@@ -31,7 +31,7 @@ from agegender.contracts.labels import (
     expected_age,
 )
 from agegender.contracts.layout import AGE_RANGE, MODEL, PARAMS, WEIGHTS
-from agegender.facedata.face_chips import crop_face_margin
+from agegender.facedata.face_chips import WORK_SIZE, crop_face_margin
 from agegender.facedata.images import (
     as_array,
     crop_face,
@@ -167,6 +167,9 @@ class Predictor:
         self.cutter = cutter if takes_chips(model) else None
         self.face_margin, self.size = float(face_margin), int(size)
         self.age_bins, self.batch_size = [int(edge) for edge in age_bins], int(batch_size)
+        # a chip model's cutter works at WORK_SIZE: framing a sharp photo's face at that size
+        # resamples it once, where a shrink to crop.size and back would blur the chip
+        self.crop_size = max(self.size, WORK_SIZE) if self.cutter else self.size
 
     @classmethod
     def load(
@@ -214,7 +217,7 @@ class Predictor:
     def detect(self, images, min_face_size=20):
         """The faces MTCNN finds in each photo (`Face`: box, confidence, crop framed as the
         training crops)."""
-        return find_faces(images, self.face_margin, self.size, min_face_size)
+        return find_faces(images, self.face_margin, self.crop_size, min_face_size)
 
     def face_answers(self, found, answers):
         """An answer dict per detected face of one photo, or None where it had no landmarks."""
@@ -232,9 +235,10 @@ class Predictor:
         return self.answers([self.framed(as_photo(image), margin) for image in images])
 
     def framed(self, crop, margin=None):
-        """A face crop re-cut to the training crops' framing and size."""
+        """A face crop re-cut to the training crops' framing (and size, or WORK_SIZE for a chip
+        model)."""
         margin = self.face_margin if margin is None else margin
-        return reframe_crop(crop, margin, self.face_margin, self.size)
+        return reframe_crop(crop, margin, self.face_margin, self.crop_size)
 
     def answers(self, crops):
         """Answers for crops already framed as the training crops, `batch_size` per call."""
