@@ -137,7 +137,9 @@ def test_repro_rerun_experiment_and_mlflow(repo, cydral_models):
     assert calibration["level"] == 0.9 and calibration["val_coverage"] >= 0.9
     assert 0 < evaluation["age"]["range_coverage"] <= 1 and evaluation["age"]["range_level"] == 0.9
     features = json.loads((repo / "metrics/features.json").read_text())
-    assert features["feature_size"] == 128 + 256 and sum(features["no_landmarks"].values()) <= 3
+    assert (
+        features["feature_size"] == 128 + 16 + 256 and sum(features["no_landmarks"].values()) <= 3
+    )
     assert json.loads((repo / "metrics/external.json").read_text()) == {"sets": {}}
     assert "evaluate_external: no sets configured" in out
     check_predict_on_crops_agrees_with_evaluate(repo, env)
