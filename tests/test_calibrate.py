@@ -55,7 +55,10 @@ def test_calibrate_writes_ranges_that_hold_the_level_on_the_validation_faces(val
     answers = predictor.crops([Path("data/crops/images") / path for path in paths])
     ranges = [answer["age_range"] for answer in answers]
     inside = [low <= age <= high for (low, high), age in zip(ranges, val_inputs)]
-    assert np.mean(inside) == pytest.approx(metrics["val_coverage"], abs=1e-6)
+    # the stage reads the crops through tf.data and the Python API through Pillow: their pixels,
+    # so an untrained model's answers, differ by a hair, enough to move one face over an edge
+    assert abs(np.mean(inside) - metrics["val_coverage"]) <= 1 / VAL_IMAGES
+    assert np.mean(inside) >= 0.8
 
 
 def test_a_model_without_calibration_is_refused_by_the_tools(val_inputs):
