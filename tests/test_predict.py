@@ -114,7 +114,16 @@ def test_batches_of_any_size_answer_alike_and_quiet_names_only_unreadable_files(
         "predict: 1 file(s) could not be read",
     ]
     _, one_by_one, _ = predict(setup, capsys, folder, "--batch-size", "1")
-    assert whole == one_by_one and len(whole.splitlines()) == 2
+    assert len(whole.splitlines()) == len(one_by_one.splitlines()) == 2
+    # a batch of one and a batch of two sum in another order: the last printed digit may move
+    for batched, single in zip(whole.splitlines(), one_by_one.splitlines()):
+        batched, single = json.loads(batched), json.loads(single)
+        assert batched.keys() == single.keys()
+        for key, value in batched.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(single[key], abs=1e-4), key
+            else:
+                assert value == single[key], key
 
 
 def test_a_photo_without_a_face_is_not_an_error(setup, capsys, folder):
