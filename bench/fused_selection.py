@@ -1,6 +1,7 @@
 """Choosing the fused model's design and age settings on validation only (issue 21).
 
-For each `model.backbone` x `train.age_pull` x `train.age_balance` of the grid, `dvc exp run
+For each `model.backbone` x `train.age_correction` x `train.age_pull` x `train.age_balance` of
+the grid, `dvc exp run
 train` trains the model, then its answers on the val split's crops are scored: the MAE, the
 MAE averaged over the decades of true age val holds (every age weighs the same, as a user's
 faces are not wiki's mix) and the gender accuracy. The age choice is the lowest
@@ -9,6 +10,7 @@ end (params.yaml, dvc.lock, metrics and the model: `dvc checkout`).
 
     python bench/fused_selection.py [--pulls 0 0.001 0.01 0.1 1] [--balances 0 0.5 1]
         [--backbones dlib_resnet+cydral_age dlib_resnet+cydral_age+cydral_gender]
+        [--corrections none heads]
 """
 
 import argparse
@@ -48,26 +50,30 @@ def main():
     parser.add_argument("--pulls", type=float, nargs="+", default=[0, 0.001, 0.01, 0.1, 1])
     parser.add_argument("--balances", type=float, nargs="+", default=[0, 0.5, 1])
     parser.add_argument("--backbones", nargs="+", default=[None], help="default: params.yaml's")
+    parser.add_argument("--corrections", nargs="+", default=[None], help="default: params.yaml's")
     args = parser.parse_args()
     os.chdir(REPO)
     rows = []
     try:
-        for backbone, pull, balance in itertools.product(args.backbones, args.pulls, args.balances):
+        grid = itertools.product(args.backbones, args.corrections, args.pulls, args.balances)
+        for backbone, correction, pull, balance in grid:
             command = ["dvc", "exp", "run", "train", "-S", f"train.age_pull={pull}"]
             command += ["-S", f"train.age_balance={balance}"]
             command += ["-S", f"model.backbone={backbone}"] if backbone else []
+            command += ["-S", f"train.age_correction={correction}"] if correction else []
             subprocess.run(command, check=True, capture_output=True)
             train = json.loads(Path("metrics/train.json").read_text())
             mae, decade_mae, gender = val_figures()
-            name = backbone or "(params.yaml)"
+            name = f"{backbone or '(params.yaml)'}, correction {correction or '(params.yaml)'}"
             rows.append((name, pull, balance, mae, decade_mae, gender, train["epochs_run"]))
-            print(f"{name} pull {pull} balance {balance}: val MAE {mae:.3f}, by decade "
+            print(f"{name}, pull {pull} balance {balance}: val MAE {mae:.3f}, by decade "
                   f"{decade_mae:.3f}, gender {gender:.3f}", file=sys.stderr)  # fmt: skip
     finally:
         subprocess.run(["git", "checkout", "params.yaml", "dvc.lock", "metrics/"], check=True)
         subprocess.run(["dvc", "checkout", "-q"], check=False)
     print(
-        "| backbone | age_pull | age_balance | val MAE | val MAE by decade | val gender | epochs |"
+        "| backbone, age_correction | age_pull | age_balance | val MAE | val MAE by decade "
+        "| val gender | epochs |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- |")
     best = min(rows, key=lambda row: row[4])

@@ -425,6 +425,50 @@ def test_with_cydral_gender_the_gender_head_reads_both_networks(
     assert both.head_model.get_layer("age").kernel.shape == (256, 101)
 
 
+def test_the_age_correction_starts_at_zero_reads_every_feature_and_trains(
+    fused, face_models, cydral_models, face_chips, tmp_path
+):
+    """With age_correction heads, a head on all 128 + 256 standardised features adds its logits
+    to Cydral's adapted layer: at the start it adds nothing (the model answers as without it),
+    one training step moves it, and the saved model answers as the one in memory (called as
+    predict calls it: after a training step, a plain call may run the heads' dropout)."""
+    from agegender.facedata.face_chips import MODEL_FILES
+
+    keras.utils.set_random_seed(0)
+    corrected = build_networks(
+        SIZE,
+        backbone="dlib_resnet+cydral_age",
+        weights_file=face_models / MODEL_FILES["descriptor"][0],
+        age_network_file=cydral_models / "age-v1.onnx",
+        age_pull=0.5,
+        age_correction="heads",
+        head_units=HEAD,
+    )
+    features = np.asarray(corrected.feature_extractor(face_chips))
+    for networks in (fused, corrected):
+        networks.normalizer.adapt(features)
+    assert corrected.head_model.get_layer("age_dense1").kernel.shape == (128 + 256, HEAD[0])
+    before = as_numpy(corrected.image_model(face_chips))["age"]
+    np.testing.assert_allclose(before, as_numpy(fused.image_model(face_chips))["age"], atol=1e-6)
+
+    correction = corrected.head_model.get_layer("age_correction")
+    compile_for_training(
+        corrected.head_model, SECTION, 1e-2, steps_per_epoch=1, epochs=1, jit_compile=False
+    )
+    targets = {
+        "gender": np.eye(2, dtype="float32")[[0, 1] * 3],
+        "age": np.eye(101, dtype="float32")[[5, 90] * 3],
+    }
+    corrected.head_model.train_on_batch(features, targets)
+    assert np.abs(np.asarray(correction.kernel)).max() > 0
+    after = as_numpy(corrected.image_model(face_chips, training=False))["age"]
+    assert np.abs(after - before).max() > 1e-4
+    corrected.image_model.save(tmp_path / "corrected.keras")
+    loaded = load_model(tmp_path / "corrected.keras")(face_chips, training=False)
+    loaded = as_numpy(loaded)["age"]
+    np.testing.assert_allclose(loaded, after, atol=1e-5)
+
+
 def test_the_cut_age_chip_is_the_one_dlib_cuts(face_chips, sample_dir, face_models):
     """The 64 px chip at padding 0.2 taken from the 150 px chip at padding 0.25 lands on dlib's
     own to within the blur of a second resampling (a shift of one pixel costs 3 times more)."""

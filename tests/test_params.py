@@ -321,6 +321,10 @@ def test_train_value_ranges(write_params, key, value, message):
             r"'train\.age_pull' must be 0 or more",
         ),
         (
+            lambda p: p["train"].update(age_correction="mlp"),
+            r"'train\.age_correction' must be none \(Cydral's adapted layer alone\) or heads",
+        ),
+        (
             lambda p: p["train"].update(mixed_precision=1),
             r"'train\.mixed_precision' must be true, false or auto",
         ),

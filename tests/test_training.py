@@ -96,6 +96,7 @@ def test_settings_map_the_params(repo_params):
         "seed": 9,
         "face_features": "pooled",
         "age_pull": repo_params["train"]["age_pull"],
+        "age_correction": repo_params["train"]["age_correction"],
     }
     inspect.signature(build_networks).bind(
         **settings, weights_file=None

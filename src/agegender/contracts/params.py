@@ -67,6 +67,7 @@ SCHEMA = {
         "gender_weighting": str,
         "age_balance": NUMBER,
         "age_pull": NUMBER,
+        "age_correction": str,
         "age_loss": str,
         "loss_weights": {"gender": NUMBER, "age": NUMBER},
         "augment": {"flip": bool, "brightness": NUMBER},
@@ -260,6 +261,12 @@ def check_values(params, path):
         "must be from 0 (ages as sampled) to 1 (every age weighs the same)",
     )
     require(train["age_pull"] >= 0, "train.age_pull", "must be 0 or more")
+    require(
+        train["age_correction"] in ("none", "heads"),
+        "train.age_correction",
+        "must be none (Cydral's adapted layer alone) or heads (plus a head on every network's "
+        "features)",
+    )
     require(
         train["age_loss"] in AGE_LOSSES, "train.age_loss", f"must be one of {', '.join(AGE_LOSSES)}"
     )

@@ -143,13 +143,16 @@ class FeatureSlice(layers.Layer):
 class AnchoredDense(layers.Layer):
     """A softmax layer that starts from pretrained weights (`start_from`) and, in training, is
     pulled back toward them by `pull` times their squared distance: a few thousand faces adapt a
-    network that learnt from many more without forgetting what it knew."""
+    network that learnt from many more without forgetting what it knew. Called on
+    [features, correction], it adds the correction's logits to its own before the softmax."""
 
     def __init__(self, units, pull=0.0, **kwargs):
         super().__init__(**kwargs)
         self.units, self.pull = units, pull
 
     def build(self, input_shape):
+        if isinstance(input_shape[0], (list, tuple)):
+            input_shape = input_shape[0]
         shapes = {"kernel": (input_shape[-1], self.units), "bias": (self.units,)}
         for name, shape in shapes.items():
             setattr(self, name, self.add_weight(shape=shape, initializer="zeros", name=name))
@@ -164,13 +167,16 @@ class AnchoredDense(layers.Layer):
         for weight, value in [(self.bias, bias), (self.anchor_bias, bias)]:
             weight.assign(value)
 
-    def call(self, features, training=None):
+    def call(self, inputs, training=None):
+        features, correction = inputs if isinstance(inputs, (list, tuple)) else (inputs, None)
         if training and self.pull:
             distance = keras.ops.sum(keras.ops.square(self.kernel - self.anchor_kernel))
             distance += keras.ops.sum(keras.ops.square(self.bias - self.anchor_bias))
             self.add_loss(self.pull * distance)
-        logits = keras.ops.matmul(features, self.kernel) + self.bias
-        return keras.ops.softmax(keras.ops.cast(logits, "float32"))
+        logits = keras.ops.cast(keras.ops.matmul(features, self.kernel) + self.bias, "float32")
+        if correction is not None:
+            logits += keras.ops.cast(correction, "float32")
+        return keras.ops.softmax(logits)
 
     def get_config(self):
         return {**super().get_config(), "units": self.units, "pull": self.pull}
@@ -186,6 +192,17 @@ def heads(features, head_units, dropout, seed, tasks=tuple(TASKS)):
             y = layers.Dropout(dropout, seed=seed, name=f"{task}_dropout{index + 1}")(y)
         outputs[task] = layers.Dense(classes, activation="softmax", name=task, dtype="float32")(y)
     return outputs
+
+
+def age_correction_logits(features, head_units, dropout, seed):
+    """The reference design's age head on every network's features, its last layer at zero:
+    logits added to those of Cydral's adapted layer, so the model starts as Cydral's network
+    and learns what the face network adds (who a face is tells much of how old it is)."""
+    y = features
+    for index, units in enumerate(head_units):
+        y = layers.Dense(units, activation="relu", name=f"age_dense{index + 1}")(y)
+        y = layers.Dropout(dropout, seed=seed, name=f"age_dropout{index + 1}")(y)
+    return layers.Dense(len(AGES), kernel_initializer="zeros", name="age_correction")(y)
 
 
 def build_networks(
@@ -204,6 +221,7 @@ def build_networks(
     age_network_file=None,
     gender_network_file=None,
     age_pull=0.0,
+    age_correction="none",
 ):
     if backbone in FUSED_BACKBONES:
         return fused_networks(
@@ -211,6 +229,7 @@ def build_networks(
             age_network_file,
             gender_network_file,
             age_pull,
+            age_correction,
             face_features,
             head_units,
             dropout,
@@ -335,6 +354,7 @@ def fused_networks(
     age_network_file,
     gender_network_file,
     age_pull,
+    age_correction,
     face_features,
     head_units,
     dropout,
@@ -345,9 +365,10 @@ def fused_networks(
     """Gender from heads on dlib's face network (and on Cydral's gender network's 16 features
     where `gender_network_file` is given), age from Cydral's age network with its last layer
     adapted (`AnchoredDense`, started from its weights widened to 101 classes, pulled toward
-    them by `age_pull`): the face network knows who a face is, Cydral's networks were trained
+    them by `age_pull`; `age_correction` "heads" adds `age_correction_logits` from every
+    network's features): the face network knows who a face is, Cydral's networks were trained
     to judge age and gender on faces of every age. Every network is frozen; the cached features
-    are theirs side by side, and the heads standardise only the gender part."""
+    are theirs side by side, standardised for the heads (Cydral's layer reads its own raw)."""
     networks = [face_network(weights, output=face_features)]
     if gender_network_file:
         networks.append(
@@ -368,7 +389,11 @@ def fused_networks(
     age_part = FeatureSlice(split, fused.shape[-1], name="age_features")(features)
     age_layer = AnchoredDense(len(AGES), age_pull, name="age", dtype="float32")
     outputs = heads(gender_part, head_units, dropout, seed, ["gender"])
-    outputs["age"] = age_layer(age_part)
+    if age_correction == "heads":
+        correction = age_correction_logits(normalizer(features), head_units, dropout, seed)
+        outputs["age"] = age_layer([age_part, correction])
+    else:
+        outputs["age"] = age_layer(age_part)
     age_layer.start_from(*age_layer_weights(age_network_file, len(AGES)))
     head_model = keras.Model(features, outputs, name="head")
     return chip_networks(base, head_model, normalizer, flip, brightness, seed, "fused")

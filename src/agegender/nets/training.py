@@ -34,6 +34,7 @@ def network_settings(params):
         "seed": params["seed"],
         "face_features": params["model"]["face_features"],
         "age_pull": train["age_pull"],
+        "age_correction": train["age_correction"],
     }
 
 
