@@ -156,7 +156,7 @@ def test_repro_rerun_experiment_and_mlflow(repo, cydral_models):
     assert json.loads(run(["dvc", "metrics", "diff", "--json"], repo, env)) == {}
 
     # another pull of the adapted age layer toward Cydral's weights: the heads train again
-    experiment = run(["dvc", "exp", "run", "-S", "train.age_pull=0.1", "-n", "pull"], repo, env)
+    experiment = run(["dvc", "exp", "run", "-S", "train.age_pull=1", "-n", "pull"], repo, env)
     ran = [stage for stage in STAGES if f"Running stage '{stage}'" in experiment]
     assert ran == ["train", "calibrate", "evaluate_external", "evaluate", "export"]
     assert "pull" in run(["dvc", "exp", "show", "--csv"], repo, env)
