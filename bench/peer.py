@@ -198,6 +198,19 @@ def main():
     files = cydral_files(args.wheel)
     networks = {task: cydral_network(files[spec["file"]]) for task, spec in NETWORKS.items()}
 
+    labelled = []
+    for spec in args.set:
+        name, _, path = spec.partition("=")
+        entry = {"name": name, "format": "csv" if path.endswith(".csv") else "utkface"}
+        entry["path"] = path
+        table, _ = external_sets.records(entry)
+        if table.empty:
+            parser.error(
+                f"--set {spec}: no labelled face found at {Path(path).resolve()}; give a "
+                "UTKFace-named folder or a CSV of path,age,gender (relative to this directory)."
+            )
+        labelled.append((entry, table))
+
     test = pd.read_csv(split_table("test"))
     raw = dataset_dir(RAW, params["data"]["dataset"])
     faces = [
@@ -205,15 +218,11 @@ def main():
     ]
     cutter = ChipCutter(WEIGHTS, params["crop"]["source_margin"])
     report("test split", *run_set(predictor, networks, cutter, faces, test), args.bootstrap)
-    for spec in args.set:
-        name, _, path = spec.partition("=")
-        form = "csv" if path.endswith(".csv") else "utkface"
-        entry = {"name": name, "format": form, "path": path}
-        table, _ = external_sets.records(entry)
+    for entry, table in labelled:
         margin = external_sets.face_margin(entry, params["crop"]["margin"])
         faces = [lambda p=p, m=margin: both_framings(predictor, p, m) for p in table["path"]]
         cutter = ChipCutter(WEIGHTS, margin)
-        report(name, *run_set(predictor, networks, cutter, faces, table), args.bootstrap)
+        report(entry["name"], *run_set(predictor, networks, cutter, faces, table), args.bootstrap)
 
 
 if __name__ == "__main__":
