@@ -1,12 +1,11 @@
 """Choosing the fused model's design and age settings on validation only (issue 21).
 
 For each `model.backbone` x `train.age_correction` x `train.age_pull` x `train.age_balance` of
-the grid, `dvc exp run
-train` trains the model, then its answers on the val split's crops are scored: the MAE, the
-MAE averaged over the decades of true age val holds (every age weighs the same, as a user's
-faces are not wiki's mix) and the gender accuracy. The age choice is the lowest
-decade-averaged val MAE; test and UTKFace are not read here. The workspace is restored at the
-end (params.yaml, dvc.lock, metrics and the model: `dvc checkout`).
+the grid, `dvc exp run train` trains the model, then its answers on the val split's crops are
+scored: the MAE, the MAE averaged over the decades of true age val holds (every age weighs the
+same, as a user's faces are not wiki's mix) and the gender accuracy. The age choice is the
+lowest decade-averaged val MAE; test and UTKFace are not read here. The workspace is restored
+at the end (params.yaml, dvc.lock, metrics and the model: `dvc checkout`).
 
     python bench/fused_selection.py [--pulls 0 0.001 0.01 0.1 1] [--balances 0 0.5 1]
         [--backbones dlib_resnet+cydral_age dlib_resnet+cydral_age+cydral_gender]

@@ -201,8 +201,8 @@ def main():
     labelled = []
     for spec in args.set:
         name, _, path = spec.partition("=")
-        entry = {"name": name, "format": "csv" if path.endswith(".csv") else "utkface"}
-        entry["path"] = path
+        form = "csv" if path.endswith(".csv") else "utkface"
+        entry = {"name": name, "format": form, "path": path}
         table, _ = external_sets.records(entry)
         if table.empty:
             parser.error(

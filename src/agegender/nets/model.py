@@ -182,15 +182,21 @@ class AnchoredDense(layers.Layer):
         return {**super().get_config(), "units": self.units, "pull": self.pull}
 
 
+def hidden_layers(features, task, head_units, dropout, seed):
+    """The reference design's dense layers of one task's head, before its output layer."""
+    y = features
+    for index, units in enumerate(head_units):
+        y = layers.Dense(units, activation="relu", name=f"{task}_dense{index + 1}")(y)
+        y = layers.Dropout(dropout, seed=seed, name=f"{task}_dropout{index + 1}")(y)
+    return y
+
+
 def heads(features, head_units, dropout, seed, tasks=tuple(TASKS)):
     outputs = {}
     for task in tasks:
-        classes = TASKS[task]
-        y = features
-        for index, units in enumerate(head_units):
-            y = layers.Dense(units, activation="relu", name=f"{task}_dense{index + 1}")(y)
-            y = layers.Dropout(dropout, seed=seed, name=f"{task}_dropout{index + 1}")(y)
-        outputs[task] = layers.Dense(classes, activation="softmax", name=task, dtype="float32")(y)
+        y = hidden_layers(features, task, head_units, dropout, seed)
+        output = layers.Dense(TASKS[task], activation="softmax", name=task, dtype="float32")
+        outputs[task] = output(y)
     return outputs
 
 
@@ -198,10 +204,7 @@ def age_correction_logits(features, head_units, dropout, seed):
     """The reference design's age head on every network's features, its last layer at zero:
     logits added to those of Cydral's adapted layer, so the model starts as Cydral's network
     and learns what the face network adds (who a face is tells much of how old it is)."""
-    y = features
-    for index, units in enumerate(head_units):
-        y = layers.Dense(units, activation="relu", name=f"age_dense{index + 1}")(y)
-        y = layers.Dropout(dropout, seed=seed, name=f"age_dropout{index + 1}")(y)
+    y = hidden_layers(features, "age", head_units, dropout, seed)
     return layers.Dense(len(AGES), kernel_initializer="zeros", name="age_correction")(y)
 
 
@@ -385,12 +388,13 @@ def fused_networks(
     split = fused.shape[-1] - age.output.shape[-1]
     features = keras.Input(base.output.shape[1:], name="features")
     normalizer = layers.Normalization(axis=-1, name="standardize")
-    gender_part = FeatureSlice(0, split, name="gender_features")(normalizer(features))
+    standardised = normalizer(features)
+    gender_part = FeatureSlice(0, split, name="gender_features")(standardised)
     age_part = FeatureSlice(split, fused.shape[-1], name="age_features")(features)
     age_layer = AnchoredDense(len(AGES), age_pull, name="age", dtype="float32")
     outputs = heads(gender_part, head_units, dropout, seed, ["gender"])
     if age_correction == "heads":
-        correction = age_correction_logits(normalizer(features), head_units, dropout, seed)
+        correction = age_correction_logits(standardised, head_units, dropout, seed)
         outputs["age"] = age_layer([age_part, correction])
     else:
         outputs["age"] = age_layer(age_part)
